@@ -1,0 +1,130 @@
+"""``calibrate``: run the real pipeline (its scheduler, CFG batch, added conditioning, packed
+latents) with forward hooks on every quantizable layer and fold each layer's input into
+per-step statistics."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffq.calibration.container import CalibrationStats
+from diffq.calibration.stats import LayerStats
+from diffq.errors import CalibrationError
+from diffq.generate import generate, progress_enabled
+from diffq.layers import quantizable_layers, structure_fingerprint
+from diffq.modules.timestep import attach_tracker
+from diffq.pipelines.adapters import adapter_for
+
+
+def uniform_steps(num_steps: int, k: int | None) -> list[int]:
+    """``k`` step indices spread uniformly over the trajectory (Q-Diffusion); all when k is None."""
+    if k is None or k >= num_steps:
+        return list(range(num_steps))
+    if k < 1:
+        raise CalibrationError(f"record_steps={k} must be >= 1")
+    return sorted({round(i * (num_steps - 1) / max(k - 1, 1)) for i in range(k)})
+
+
+def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, nn.Conv2d):
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+@torch.no_grad()
+def calibrate(
+    pipe,
+    prompts: Sequence[str],
+    *,
+    num_inference_steps: int = 20,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    images_per_prompt: int = 1,
+    batch_size: int = 8,
+    record_steps: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    progress: bool = True,
+) -> CalibrationStats:
+    """Collect per-timestep input statistics of every quantizable layer of ``pipe``'s denoiser.
+
+    prompts: calibration prompts (class names or ids for class-conditional pipelines).
+    record_steps: record only this many steps, uniformly spread (None = all steps).
+    Image i of prompt p uses seed ``seed + p * images_per_prompt + i``, so runs are deterministic.
+    Raises CalibrationError on an empty prompt list or a NaN/Inf input (naming layer and step).
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise CalibrationError("calibration needs at least one prompt; pass prompts=[...]")
+    if num_inference_steps < 1:
+        raise CalibrationError("num_inference_steps must be >= 1")
+    adapter = adapter_for(pipe)
+    denoiser = adapter.denoiser(pipe)
+    layers = quantizable_layers(denoiser)
+    tracker = attach_tracker(denoiser, adapter.timestep_of)
+    recorded = set(uniform_steps(num_inference_steps, record_steps))
+    stats: dict[str, LayerStats] = {}
+    step_buckets = [-1] * num_inference_steps
+    state = {"calls_at_start": 0}
+
+    def make_hook(name: str, module: nn.Module):
+        def hook(mod, args):
+            step = tracker.calls - 1 - state["calls_at_start"]
+            if step < 0 or step >= num_inference_steps or step not in recorded:
+                return
+            x = args[0]
+            rows = _rows(mod, x)
+            if not torch.isfinite(rows).all():
+                raise CalibrationError(
+                    f"NaN/Inf in the input of layer {name!r} at step {step} (timestep bucket {tracker.bucket}); "
+                    f"the full-precision pipeline itself is producing non-finite values - check its dtype "
+                    f"(fp16 overflow: use bf16/fp32) and inputs"
+                )
+            st = stats.get(name)
+            if st is None:
+                st = stats[name] = LayerStats.empty(num_inference_steps, rows.shape[-1])
+            st.update(step, rows)
+            step_buckets[step] = tracker.bucket
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n, m)) for n, m in layers.items()]
+    all_prompts = [p for p in prompts for _ in range(images_per_prompt)]
+    seeds = [seed + i for i in range(len(all_prompts))]
+    bar = tqdm(total=len(all_prompts), desc="calibrate", disable=not progress_enabled(progress))
+    try:
+        # one pipeline call per batch; step index = denoiser calls since the batch started
+        for i in range(0, len(all_prompts), batch_size):
+            state["calls_at_start"] = tracker.calls
+            generate(
+                pipe, all_prompts[i : i + batch_size], seeds[i : i + batch_size],
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                height=height, width=width, batch_size=batch_size,
+            )
+            bar.update(len(all_prompts[i : i + batch_size]))
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+    missing = [n for n in layers if n not in stats]
+    if len(missing) == len(layers):
+        raise CalibrationError("no layer saw any input during calibration; is this the pipeline's denoiser?")
+    return CalibrationStats(
+        family=adapter.name,
+        structure=structure_fingerprint(denoiser),
+        num_steps=num_inference_steps,
+        step_buckets=step_buckets,
+        layers=stats,
+        splits={k: v for k, v in adapter.skip_splits(denoiser).items() if k in stats},
+        meta={
+            "prompts": len(prompts),
+            "images_per_prompt": images_per_prompt,
+            "seed": seed,
+            "guidance_scale": guidance_scale,
+            "record_steps": sorted(recorded),
+            "unobserved_layers": missing,
+        },
+    )

@@ -1,0 +1,251 @@
+"""Save and load a quantized pipeline: only what quantization changed.
+
+Layout of a checkpoint folder:
+- ``quantized.safetensors``: every buffer of every quantized module, named ``<scope>/<layer>.<buffer>``
+  (scope ``denoiser`` or a text-encoder attribute);
+- ``manifest.json``: format version, recipe, bit plan, family, the base model's weight fingerprint,
+  per layer its module kind, formats, geometry and each tensor's shape and dtype, and the sha256 of
+  the safetensors file.
+Both are written atomically, the tensors first: a manifest only ever describes a complete file.
+Loading reads only safetensors and JSON (no pickle, no code), checks the checksum, the manifest
+against the tensors, and the fingerprint against the base pipeline, and refuses anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from diffq.api import TEXT_ENCODER_ATTRS, quantized_modules, set_submodule
+from diffq.errors import CheckpointError, DiffqError
+from diffq.fingerprint import weights_fingerprint
+from diffq.formats import QTensor, QuantSpec, decode_scale, unpack_int4
+from diffq.io import atomic_path, write_json_atomic
+from diffq.modules import ActQuantizer, QuantConv2d, QuantLinear, attach_tracker
+from diffq.pipelines.adapters import adapter_for
+from diffq.recipe import Recipe
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "quantized.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _scopes(pipe) -> dict[str, nn.Module]:
+    adapter = adapter_for(pipe)
+    out = {"denoiser": adapter.denoiser(pipe)}
+    for attr in TEXT_ENCODER_ATTRS:
+        enc = getattr(pipe, attr, None)
+        if enc is not None and quantized_modules(enc):
+            out[attr] = enc
+    return out
+
+
+def _layer_info(m: QuantLinear | QuantConv2d) -> dict:
+    info = {
+        "kind": "conv" if isinstance(m, QuantConv2d) else "linear",
+        "in_features": m.in_features,
+        "out_features": m.out_features,
+        "weight": m.wspec.to_dict(),
+        "dtype": str(m.compute_dtype).replace("torch.", ""),
+        "act": None,
+    }
+    if isinstance(m, QuantConv2d):
+        info.update(kernel_size=list(m.kernel_size), stride=list(m.stride), dilation=list(m.dilation),
+                    padding=m.padding if isinstance(m.padding, str) else list(m.padding))
+    if m.act is not None:
+        info["act"] = {
+            "spec": m.act.spec.to_dict(),
+            "splits": list(m.act.splits) if m.act.splits else None,
+            "static": m.act.static,
+            "keep_first_token": m.act.keep_first_token,
+        }
+    return info
+
+
+def save(pipe, directory: str | Path) -> Path:
+    """Write the quantized state of ``pipe`` to ``directory``; returns the folder."""
+    directory = Path(directory)
+    adapter = adapter_for(pipe)
+    denoiser = adapter.denoiser(pipe)
+    recipe: Recipe | None = getattr(denoiser, "_diffq_recipe", None)
+    if recipe is None:
+        raise DiffqError("this pipeline is not quantized; call diffq.quantize(pipe, recipe) before diffq.save")
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    for scope, root in _scopes(pipe).items():
+        for name, m in quantized_modules(root).items():
+            key = f"{scope}/{name}"
+            info = _layer_info(m)
+            info["tensors"] = {}
+            for bname, b in m.named_buffers():
+                if b is None:
+                    continue
+                t = b.detach().contiguous().cpu()
+                tensors[f"{key}.{bname}"] = t
+                info["tensors"][bname] = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+            layers[key] = info
+    directory.mkdir(parents=True, exist_ok=True)
+    tpath = directory / TENSORS_FILE
+    with atomic_path(tpath) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "diffq", "version": str(FORMAT_VERSION)})
+    manifest = {
+        "format": "diffq",
+        "version": FORMAT_VERSION,
+        "family": adapter.name,
+        "denoiser_class": type(denoiser).__name__,
+        "base_fingerprint": denoiser._diffq_base_fingerprint,
+        "recipe": recipe.to_dict(),
+        "plan": getattr(denoiser, "_diffq_plan", None),
+        "tensors_sha256": _sha256(tpath),
+        "tensors_bytes": tpath.stat().st_size,
+        "layers": layers,
+    }
+    write_json_atomic(directory / MANIFEST_FILE, manifest)
+    return directory
+
+
+def read_manifest(directory: str | Path) -> dict:
+    directory = Path(directory)
+    mpath = directory / MANIFEST_FILE
+    if not mpath.is_file():
+        raise CheckpointError(f"{str(directory)!r} has no {MANIFEST_FILE}; it is not a diffq checkpoint")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{mpath} is corrupted (not JSON: {e}); re-save the checkpoint") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != "diffq":
+        raise CheckpointError(f"{mpath} is not a diffq manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{mpath} has format version {manifest.get('version')}, this diffq reads {FORMAT_VERSION}; "
+            f"upgrade diffq or re-save"
+        )
+    for k in ("layers", "tensors_sha256", "base_fingerprint", "recipe", "family"):
+        if k not in manifest:
+            raise CheckpointError(f"{mpath} misses field {k!r}; it is truncated or hand-edited")
+    return manifest
+
+
+def load_tensors(directory: str | Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint, after checking the checksum and every shape/dtype in the manifest."""
+    tpath = Path(directory) / TENSORS_FILE
+    if not tpath.is_file():
+        raise CheckpointError(f"{str(tpath)!r} is missing; the checkpoint is incomplete")
+    if _sha256(tpath) != manifest["tensors_sha256"]:
+        raise CheckpointError(
+            f"{tpath} does not match the checksum in its manifest: the file is corrupted or truncated; "
+            f"re-save or re-download it"
+        )
+    try:
+        tensors = load_file(str(tpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{tpath} cannot be read as safetensors ({e})") from e
+    for key, info in manifest["layers"].items():
+        for bname, meta in info.get("tensors", {}).items():
+            t = tensors.get(f"{key}.{bname}")
+            if t is None:
+                raise CheckpointError(f"checkpoint misses tensor {key}.{bname}")
+            if list(t.shape) != meta["shape"] or str(t.dtype).replace("torch.", "") != meta["dtype"]:
+                raise CheckpointError(
+                    f"tensor {key}.{bname} is {tuple(t.shape)} {t.dtype}, the manifest says "
+                    f"{tuple(meta['shape'])} {meta['dtype']}; the checkpoint is inconsistent"
+                )
+    return tensors
+
+
+def _rebuild(info: dict, buf: dict[str, torch.Tensor]) -> QuantLinear | QuantConv2d:
+    try:
+        wspec = QuantSpec.from_dict(info["weight"])
+        n, k_in = info["out_features"], info["in_features"]
+        ksz = info.get("kernel_size", [1, 1])
+        k = k_in * ksz[0] * ksz[1]
+        codes = unpack_int4(buf["qweight"], signed=wspec.is_int and wspec.symmetric) if wspec.packed else buf["qweight"]
+        if tuple(codes.shape) != (n, k):
+            raise CheckpointError(f"weight codes have shape {tuple(codes.shape)}, expected {(n, k)}")
+        gscale = buf.get("wscale_global")
+        zero = buf.get("wzero")
+        q = QTensor(
+            codes=codes, scale=decode_scale(buf["wscale"], wspec, gscale), spec=wspec, shape=torch.Size((n, k)),
+            zero=None if zero is None else zero.float(), scale_stored=buf["wscale"], global_scale=gscale,
+        )
+        act = None
+        if info.get("act"):
+            a = info["act"]
+            act = ActQuantizer(
+                QuantSpec.from_dict(a["spec"]), splits=tuple(a["splits"]) if a["splits"] else None,
+                amax=buf.get("act.amax"), bucket_to_group=buf.get("act.bucket_to_group"),
+                keep_first_token=a.get("keep_first_token", False),
+            )
+        dtype = getattr(torch, info["dtype"])
+        common = dict(bias=buf.get("bias"), act=act, lr_down=buf.get("lr_down"), lr_up=buf.get("lr_up"),
+                      smooth=buf.get("smooth"), dtype=dtype)
+        if info["kind"] == "conv":
+            pad = info["padding"]
+            return QuantConv2d(q, in_channels=k_in, kernel_size=tuple(ksz), stride=tuple(info["stride"]),
+                               padding=pad if isinstance(pad, str) else tuple(pad),
+                               dilation=tuple(info["dilation"]), **common)
+        return QuantLinear(q, **common)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, DiffqError):
+            raise
+        raise CheckpointError(f"checkpoint layer cannot be rebuilt: {e}") from e
+
+
+def load(directory: str | Path, base_pipe):
+    """Restore a quantized checkpoint onto ``base_pipe`` (the same base model, full precision)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    adapter = adapter_for(base_pipe)
+    denoiser = adapter.denoiser(base_pipe)
+    if getattr(denoiser, "_diffq_recipe", None) is not None:
+        raise CheckpointError("the base pipeline is already quantized; load onto a fresh full-precision pipeline")
+    if manifest["family"] != adapter.name:
+        raise CheckpointError(f"checkpoint is for a {manifest['family']} model, the pipeline is {adapter.name}")
+    fp = weights_fingerprint(denoiser)
+    if fp != manifest["base_fingerprint"]:
+        raise CheckpointError(
+            "this checkpoint was made from a different base model (weight fingerprint mismatch); "
+            "load it onto the exact pipeline it was quantized from"
+        )
+    tensors = load_tensors(directory, manifest)
+    scopes = {"denoiser": denoiser}
+    for attr in TEXT_ENCODER_ATTRS:
+        if getattr(base_pipe, attr, None) is not None:
+            scopes[attr] = getattr(base_pipe, attr)
+    tracker = attach_tracker(denoiser, adapter.timestep_of)
+    for key, info in manifest["layers"].items():
+        scope, _, name = key.partition("/")
+        root = scopes.get(scope)
+        if root is None:
+            raise CheckpointError(f"checkpoint has layers for {scope!r}, which this pipeline lacks")
+        try:
+            old = root.get_submodule(name)
+        except AttributeError as e:
+            raise CheckpointError(f"checkpoint layer {key} does not exist in this pipeline") from e
+        buf = {b: tensors[f"{key}.{b}"] for b in info["tensors"]}
+        new = _rebuild(info, buf)
+        ref = next(old.parameters(), None)
+        if ref is not None:
+            new = new.to(ref.device)
+        if new.act is not None and scope == "denoiser":
+            new.act.tracker = tracker
+        set_submodule(root, name, new)
+    recipe = Recipe.from_dict(manifest["recipe"])
+    denoiser._diffq_recipe = recipe
+    denoiser._diffq_base_fingerprint = fp
+    denoiser._diffq_plan = manifest.get("plan")
+    return base_pipe

@@ -1,0 +1,32 @@
+"""Number formats: integer 2-8 bit (symmetric/asymmetric), FP8 E4M3/E5M2, FP4 E2M1 with block scales."""
+
+from diffq.formats.core import (
+    SCALE_MIN,
+    QTensor,
+    decode_scale,
+    dequantize,
+    dequantize_parts,
+    fake_quantize,
+    int_range,
+    quantize,
+    store_scale,
+)
+from diffq.formats.packing import pack_int4, unpack_int4
+from diffq.formats.spec import MXFP4, NVFP4, QuantSpec
+
+__all__ = [
+    "MXFP4",
+    "NVFP4",
+    "SCALE_MIN",
+    "QTensor",
+    "QuantSpec",
+    "decode_scale",
+    "dequantize",
+    "dequantize_parts",
+    "fake_quantize",
+    "int_range",
+    "pack_int4",
+    "quantize",
+    "store_scale",
+    "unpack_int4",
+]

@@ -1,0 +1,263 @@
+"""The one quantizer core: tensor -> (codes, scales[, zero points]) -> tensor.
+
+Every recipe, module and kernel reference in diffq goes through these functions, so a format is
+defined in exactly one place. Tensors are viewed as rows ``[R, C]`` (weights ``[N, K]``,
+activations ``[M, K]``; leading dims are flattened): ``tensor`` granularity has one scale,
+``channel``/``token`` one per row, ``group`` one per ``group_size`` consecutive columns.
+
+Scale rule (documented, used by kernels too): symmetric integer ``scale = amax / qmax`` with
+``qmax = 2^(b-1) - 1`` and codes in ``[-qmax, qmax]``; FP ``scale = amax / fmax``. A scale is
+never zero or denormal: fp32 scales are clamped below at ``SCALE_MIN = 2^-32``, fp16 scales to
+fp16's normal range ``[2^-14, 65504]``, E4M3 block scales to ``[2^-9, 448]``, E8M0 exponents to
+``[-127, 127]``. Codes are computed with the *stored* scale, so dequantizing what was saved is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from diffq.errors import FormatError, QuantizationError
+from diffq.formats import floating
+from diffq.formats.spec import QuantSpec
+
+SCALE_MIN = 2.0**-32
+FP16_SCALE_MIN, FP16_SCALE_MAX = 2.0**-14, 65504.0
+
+
+@dataclass
+class QTensor:
+    """A quantized tensor.
+
+    codes: int8 (signed int formats), uint8 (unsigned int / FP4 sign-magnitude codes, one per
+        element, unpacked) or an FP8 dtype; shape ``[R, C]``.
+    scale: fp32 effective scale, shape ``[R or 1, groups or 1]``; ``scale_stored`` is its storage
+        form (``spec.scale_dtype``) and ``global_scale`` the NVFP4 per-tensor fp32 scale (or None).
+    zero: zero point (fp32, integer-valued) for unsigned formats, else None; same shape as scale.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    spec: QuantSpec
+    shape: torch.Size
+    zero: torch.Tensor | None = None
+    scale_stored: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
+
+
+def int_range(spec: QuantSpec) -> tuple[int, int]:
+    """Code range of an integer spec: symmetric [-qmax, qmax], asymmetric [0, 2^b - 1]."""
+    if spec.symmetric:
+        q = 2 ** (spec.bits - 1) - 1
+        return -q, q
+    return 0, 2**spec.bits - 1
+
+
+def _as_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    if x.dim() == 0:
+        x = x.reshape(1, 1)
+    elif x.dim() == 1:
+        x = x.reshape(1, -1)
+    else:
+        x = x.reshape(-1, x.shape[-1])
+    if spec.granularity == "group" and x.shape[-1] % spec.group_size:
+        raise FormatError(
+            f"group size {spec.group_size} does not divide the last dimension {x.shape[-1]}; "
+            f"choose a group size that divides it (or use per-channel granularity)"
+        )
+    return x
+
+
+def _grouped(x2: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """[R, C] -> [R, G, C/G] view whose last dim shares one scale."""
+    r, c = x2.shape
+    if spec.granularity == "tensor":
+        return x2.reshape(1, 1, r * c)
+    if spec.granularity in ("channel", "token"):
+        return x2.reshape(r, 1, c)
+    return x2.reshape(r, c // spec.group_size, spec.group_size)
+
+
+def _ungroup(xg: torch.Tensor, r: int, c: int) -> torch.Tensor:
+    return xg.reshape(r, c)
+
+
+def _check_finite(x: torch.Tensor) -> None:
+    if x.numel() and not torch.isfinite(x).all():
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise QuantizationError(
+            f"cannot quantize a tensor with {n_nan} NaN and {n_inf} Inf values; "
+            f"find where they come from (diffq.calibrate names the layer and step)"
+        )
+
+
+def store_scale(scale: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 scale -> (stored form, exact fp32 value of the stored form), with the clamping rule."""
+    if spec.scale_dtype == "fp16":
+        stored = scale.clamp(FP16_SCALE_MIN, FP16_SCALE_MAX).to(torch.float16)
+        return stored, stored.float()
+    if spec.scale_dtype == "e4m3":
+        return floating.e4m3_scale(scale)
+    if spec.scale_dtype == "e8m0":
+        return floating.e8m0_scale(scale)
+    s = scale.clamp_min(SCALE_MIN)
+    return s, s
+
+
+def decode_scale(stored: torch.Tensor, spec: QuantSpec, global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Stored scale -> fp32 effective scale (inverse of :func:`store_scale`, times the global scale)."""
+    if spec.scale_dtype == "e8m0":
+        s = floating.e8m0_decode(stored)
+    else:
+        s = stored.float()
+    if global_scale is not None:
+        s = s * global_scale.float()
+    return s
+
+
+def quantize(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    amax: torch.Tensor | float | None = None,
+    clip_ratio: torch.Tensor | float | None = None,
+) -> QTensor:
+    """Quantize ``x`` (any float dtype, any shape viewed as rows ``[R, C]``).
+
+    amax: override the range (static activation scales from calibration; broadcastable to the
+        scale shape ``[R or 1, groups or 1]``). For unsigned formats it is used as ``[-amax, amax]``.
+    clip_ratio: multiply the observed range (MSE/percentile clipping picks it), broadcastable likewise.
+    Raises QuantizationError on NaN/Inf. Zero-size input gives zero-size codes and scales.
+    """
+    _check_finite(x)
+    x2 = _as_rows(x.detach().float(), spec)
+    r, c = x2.shape
+    xg = _grouped(x2, spec)
+    if xg.numel() == 0:
+        empty_scale = torch.empty(xg.shape[:2], dtype=torch.float32, device=x.device)
+        codes = torch.empty((r, c), dtype=_code_dtype(spec), device=x.device)
+        return QTensor(codes, empty_scale, spec, x.shape, scale_stored=empty_scale)
+
+    zero = None
+    global_scale = None
+    if spec.is_int and not spec.symmetric:
+        if amax is not None:
+            a = _fit(torch.as_tensor(amax, dtype=torch.float64, device=x.device), xg)
+            lo, hi = -a, a
+        else:
+            lo = xg.double().amin(-1).clamp(max=0)
+            hi = xg.double().amax(-1).clamp(min=0)
+        if clip_ratio is not None:
+            cr = _fit(torch.as_tensor(clip_ratio, dtype=torch.float64, device=x.device), xg)
+            lo, hi = lo * cr, hi * cr
+        qlo, qhi = int_range(spec)
+        scale_f = ((hi - lo) / (qhi - qlo)).float()
+        stored, scale = store_scale(scale_f, spec)
+        zero = torch.round(-lo.float() / scale).clamp(qlo, qhi)
+        q = torch.round(xg / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
+        codes = q.clamp(qlo, qhi).to(torch.uint8)
+    else:
+        if amax is None:
+            a = xg.abs().amax(-1)
+        else:
+            a = _fit(torch.as_tensor(amax, dtype=torch.float32, device=x.device), xg).float()
+        if clip_ratio is not None:
+            a = a * _fit(torch.as_tensor(clip_ratio, dtype=torch.float32, device=x.device), xg)
+        if spec.is_int:
+            qlo, qhi = int_range(spec)
+            stored, scale = store_scale(a / qhi, spec)
+            codes = torch.round(xg / scale.unsqueeze(-1)).clamp(qlo, qhi).to(torch.int8)
+        else:
+            fmax = floating.FP_MAX[spec.dtype]
+            raw = a / fmax
+            if spec.scale_dtype == "e4m3":
+                # NVFP4: per-tensor fp32 scale so that block scales use E4M3's range
+                global_scale = (a.amax() / (fmax * 448.0)).clamp_min(SCALE_MIN).reshape(1)
+                stored, scale = store_scale(raw / global_scale, spec)
+                scale = scale * global_scale
+            else:
+                stored, scale = store_scale(raw, spec)
+            y = xg / scale.unsqueeze(-1)
+            if spec.dtype == "fp4_e2m1":
+                codes = floating.e2m1_encode(y)
+            else:
+                codes = floating.round_fp8(y, spec.dtype)
+    codes = _ungroup(codes, r, c)
+    return QTensor(codes, scale, spec, x.shape, zero=zero, scale_stored=stored, global_scale=global_scale)
+
+
+def _fit(t: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
+    """Broadcast a user range/ratio to the scale shape [R', G]."""
+    try:
+        return torch.broadcast_to(t, xg.shape[:2]).to(t.dtype)
+    except RuntimeError as e:
+        raise FormatError(
+            f"range of shape {tuple(t.shape)} does not broadcast to the scale shape {tuple(xg.shape[:2])}"
+        ) from e
+
+
+def _code_dtype(spec: QuantSpec) -> torch.dtype:
+    if spec.is_int:
+        return torch.int8 if spec.symmetric else torch.uint8
+    if spec.dtype == "fp4_e2m1":
+        return torch.uint8
+    return floating.FP8_DTYPES[spec.dtype]
+
+
+def code_values(codes: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Codes -> their fp32 grid values (before scaling; zero point not yet removed)."""
+    if spec.dtype == "fp4_e2m1":
+        return floating.e2m1_decode(codes)
+    return codes.float()
+
+
+def dequantize_parts(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    spec: QuantSpec,
+    zero: torch.Tensor | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """codes [R, C] with fp32 effective scale [R|1, G|1] (and zero) -> values [R, C] in ``dtype``."""
+    r, c = codes.shape
+    vals = code_values(codes, spec)
+    vg = _grouped(vals, spec) if spec.granularity != "tensor" else vals.reshape(1, 1, r * c)
+    # a range spanning most of fp32 can round past its max (e.g. (code - zero) * scale, or an E8M0
+    # scale rounded up): saturate at the fp32 max rather than produce inf
+    f32max = torch.finfo(torch.float32).max
+    if zero is not None:
+        out = (vg.double() - zero.unsqueeze(-1).double()) * scale.unsqueeze(-1).double()
+    else:
+        out = vg * scale.unsqueeze(-1)
+    out = out.clamp(-f32max, f32max).float()
+    return _ungroup(out, r, c).to(dtype)
+
+
+def dequantize(q: QTensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """QTensor -> tensor of the original shape."""
+    return dequantize_parts(q.codes, q.scale, q.spec, q.zero, dtype=dtype).reshape(q.shape)
+
+
+class _FakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec, amax, clip_ratio):  # noqa: D401
+        q = quantize(x, spec, amax=amax, clip_ratio=clip_ratio)
+        return dequantize(q, dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    amax: torch.Tensor | float | None = None,
+    clip_ratio: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Quantize then dequantize, same shape and dtype; the gradient passes straight through."""
+    return _FakeQuant.apply(x, spec, amax, clip_ratio)

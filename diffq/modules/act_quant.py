@@ -1,0 +1,87 @@
+"""Activation quantizer: dynamic (per token / per group, computed on the fly) or static per
+timestep group (ranges from calibration, picked by a table lookup on the current step).
+
+Inputs are viewed channels-last: rows ``[M, C]`` with C the input channels (QuantConv2d permutes
+NCHW to NHWC before calling). ``splits`` quantizes channel segments separately (split shortcut:
+the concatenated main and skip inputs of UNet up-block resnets get their own scales).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffq.formats import QuantSpec, fake_quantize
+from diffq.modules.timestep import NUM_BUCKETS, TimestepTracker
+
+
+class ActQuantizer(nn.Module):
+    """Fake-quantizes activations ``x [..., C]`` -> same shape/dtype.
+
+    ``keep_first_token``: inputs [B, T, C] keep token 0 unquantized (BOS-aware text encoders).
+    Static mode holds ``amax [G, S]`` (G timestep groups, S channel segments) and
+    ``bucket_to_group [NUM_BUCKETS]`` (int16); dynamic mode holds no state.
+    """
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        *,
+        splits: tuple[int, ...] | None = None,
+        amax: torch.Tensor | None = None,
+        bucket_to_group: torch.Tensor | None = None,
+        keep_first_token: bool = False,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.keep_first_token = keep_first_token
+        self.splits = tuple(splits) if splits else None
+        self.tracker: TimestepTracker | None = None
+        if amax is not None:
+            nseg = len(self.splits) if self.splits else 1
+            amax = amax.float().reshape(amax.shape[0], -1)
+            if amax.shape[1] != nseg:
+                raise ValueError(f"static amax has {amax.shape[1]} segments, expected {nseg}")
+            if bucket_to_group is None:
+                bucket_to_group = torch.zeros(NUM_BUCKETS, dtype=torch.int16)
+            self.register_buffer("amax", amax.contiguous())
+            self.register_buffer("bucket_to_group", bucket_to_group.to(torch.int16).contiguous())
+        else:
+            self.amax = None
+            self.bucket_to_group = None
+
+    @property
+    def static(self) -> bool:
+        return self.amax is not None
+
+    def current_group(self) -> int:
+        bucket = self.tracker.bucket if self.tracker is not None else 0
+        return int(self.bucket_to_group[bucket])
+
+    def current_amax(self) -> torch.Tensor | None:
+        """[S] static ranges of the current timestep group (None when dynamic)."""
+        if self.amax is None:
+            return None
+        return self.amax[self.current_group()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.keep_first_token and x.dim() == 3 and x.shape[1] > 1:
+            # BOS-aware (MixDQ): the first token of a text encoder carries huge outliers that every
+            # other token's scale would pay for; it stays in 16 bits
+            return torch.cat([x[:, :1], self._quantize(x[:, 1:])], dim=1)
+        return self._quantize(x)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+        amax = self.current_amax()
+        if self.splits is None:
+            return fake_quantize(x, self.spec, amax=None if amax is None else amax[0])
+        parts = torch.split(x, self.splits, dim=-1)
+        out = [
+            fake_quantize(p.contiguous(), self.spec, amax=None if amax is None else amax[i])
+            for i, p in enumerate(parts)
+        ]
+        return torch.cat(out, dim=-1)
+
+    def extra_repr(self) -> str:
+        mode = f"static[{self.amax.shape[0]} groups]" if self.static else "dynamic"
+        return f"{self.spec.describe()}, {mode}" + (f", splits={self.splits}" if self.splits else "")

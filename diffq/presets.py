@@ -1,0 +1,68 @@
+"""Named recipes. Each is a plain :class:`~diffq.recipe.Recipe`; print one with
+``diffq quantize --preset NAME --show-recipe`` and override any field."""
+
+from __future__ import annotations
+
+from diffq.errors import RecipeError
+from diffq.formats import NVFP4, QuantSpec
+from diffq.recipe import Recipe
+
+_INT8_CH = QuantSpec("int8", "channel")
+_INT8_TOK = QuantSpec("int8", "token")
+_INT4_G64 = QuantSpec("int4", "group", 64, "fp16")
+_FP8_CH = QuantSpec("fp8_e4m3", "channel")
+_FP8_TOK = QuantSpec("fp8_e4m3", "token")
+
+PRESETS: dict[str, Recipe] = {
+    "w8a8": Recipe("w8a8", weight=_INT8_CH, act=_INT8_TOK),
+    "w8a8-static": Recipe(
+        "w8a8-static", weight=_INT8_CH, act=QuantSpec("int8", "tensor"), act_static=True, act_clip="mse"
+    ),
+    "w4a8": Recipe("w4a8", weight=_INT4_G64, act=_INT8_TOK, weight_clip="mse"),
+    "w4a16": Recipe("w4a16", weight=_INT4_G64, act=None, weight_clip="mse"),
+    "w4a4": Recipe("w4a4", weight=_INT4_G64, act=QuantSpec("int4", "group", 64)),
+    "w4a4-svd": Recipe(
+        "w4a4-svd",
+        weight=_INT4_G64,
+        act=QuantSpec("int4", "group", 64),
+        smooth_alpha=0.5,
+        rank=32,
+        weight_clip="mse",
+    ),
+    "fp8": Recipe("fp8", weight=_FP8_CH, act=_FP8_TOK),
+    "fp4": Recipe("fp4", weight=NVFP4, act=NVFP4),
+    "mixed": Recipe("mixed", weight=None, bit_plan="plan.json"),
+}
+
+DESCRIPTIONS = {
+    "w8a8": "int8 per-channel weights, int8 dynamic per-token activations",
+    "w8a8-static": "int8 weights, int8 activations with calibrated ranges per timestep group",
+    "w4a8": "int4 weights (group 64, MSE clipping), int8 per-token activations",
+    "w4a16": "int4 weights (group 64, MSE clipping), 16-bit activations",
+    "w4a4": "int4 weights and activations (group 64), plain round-to-nearest",
+    "w4a4-svd": "SVDQuant-style: smoothing + rank-32 16-bit branch + int4 weights/activations",
+    "fp8": "FP8 E4M3 weights (per channel) and activations (per token)",
+    "fp4": "NVFP4: FP4 E2M1 with 16-element FP8 block scales, weights and activations",
+    "mixed": "per-layer formats from a BitPlan (diffq.allocate); set bit_plan=PATH",
+}
+
+
+def get_preset(name: str) -> Recipe:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise RecipeError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None
+
+
+def resolve_recipe(recipe: "Recipe | str | dict") -> Recipe:
+    """Accept a Recipe, a preset name, or a dict of recipe fields (optionally with ``preset``)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, str):
+        return get_preset(recipe)
+    if isinstance(recipe, dict):
+        d = dict(recipe)
+        base = get_preset(d.pop("preset")).to_dict() if "preset" in d else {}
+        base.update(d)
+        return Recipe.from_dict(base)
+    raise RecipeError(f"a recipe is a Recipe, a preset name or a dict, not {type(recipe).__name__}")

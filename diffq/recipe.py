@@ -1,0 +1,220 @@
+"""Recipes: typed, stackable descriptions of *how* to quantize a pipeline.
+
+A ``Recipe`` is a dataclass that loads from YAML/JSON files (later files override earlier ones)
+and accepts ``key=value`` overrides (dotted for the specs, e.g. ``weight.group_size=128``), so
+the CLI, Python and config files all build the same object. Presets live in :mod:`diffq.presets`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from diffq.errors import FormatError, RecipeError
+from diffq.formats import QuantSpec
+from diffq.methods.clipping import CLIP_METHODS
+
+DEFAULT_SKIP_ROLES = ("embed", "adanorm", "io")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to quantize the denoiser (and optionally the text encoders).
+
+    weight / act: formats of weights and activations (``act=None``: weight-only).
+    act_static: activations use calibrated ranges per timestep group instead of dynamic per-token
+        scales; ``timestep_groups`` fixes the number of groups (1 = one static range), ``None``
+        chooses them from the statistics, merging adjacent steps while the range changes less
+        than ``group_threshold`` (relative).
+    weight_clip / act_clip: ``minmax``, ``mse`` or ``percentile`` (with ``percentile``).
+    smooth_alpha: SmoothQuant migration strength (None = no smoothing; needs calibration).
+    rank: SVD low-rank branch rank (0 = none); the effective rank is capped per layer.
+    split_shortcut: separate activation scales for the [main, skip] halves of UNet up-block inputs.
+    skip_roles / skip_patterns / include_patterns: which layers stay in 16 bits (roles from
+        :mod:`diffq.pipelines.roles`; regexes on module names; includes win over skips).
+    min_features: layers with fewer input or output features stay in 16 bits.
+    bit_plan: path of a BitPlan JSON (``mixed`` recipe): per-layer preset names.
+    text_encoder: also quantize the text encoders (weights ``weight`` format, W8A8 activations
+        with the BOS token kept in 16 bits when ``bos_aware``).
+    """
+
+    name: str = "custom"
+    weight: QuantSpec | None = field(default_factory=lambda: QuantSpec("int8", "channel"))
+    act: QuantSpec | None = None
+    act_static: bool = False
+    timestep_groups: int | None = None
+    group_threshold: float = 0.25
+    weight_clip: str = "minmax"
+    act_clip: str = "minmax"
+    percentile: float = 99.9
+    smooth_alpha: float | None = None
+    rank: int = 0
+    split_shortcut: bool = True
+    skip_roles: tuple[str, ...] = DEFAULT_SKIP_ROLES
+    skip_patterns: tuple[str, ...] = ()
+    include_patterns: tuple[str, ...] = ()
+    min_features: int = 16
+    bit_plan: str | None = None
+    text_encoder: bool = False
+    bos_aware: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        from diffq.pipelines.roles import ROLES
+
+        if self.weight is None and self.bit_plan is None:
+            raise RecipeError(f"recipe {self.name!r} quantizes nothing: set weight (e.g. int8) or bit_plan")
+        for c, label in ((self.weight_clip, "weight_clip"), (self.act_clip, "act_clip")):
+            if c not in CLIP_METHODS:
+                raise RecipeError(f"{label}={c!r} is not one of {list(CLIP_METHODS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise RecipeError(f"percentile={self.percentile} must be in (50, 100]")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise RecipeError(f"smooth_alpha={self.smooth_alpha} must be in [0, 1] (0.5 is the usual choice)")
+        if not isinstance(self.rank, int) or self.rank < 0 or self.rank > 4096:
+            raise RecipeError(f"rank={self.rank!r} must be an integer in [0, 4096] (32 is the usual choice)")
+        if self.timestep_groups is not None and (
+            not isinstance(self.timestep_groups, int) or not 1 <= self.timestep_groups <= 1000
+        ):
+            raise RecipeError(f"timestep_groups={self.timestep_groups!r} must be an integer >= 1, or None for auto")
+        if not 0.0 < self.group_threshold < 100.0:
+            raise RecipeError(f"group_threshold={self.group_threshold} must be positive")
+        if self.act_static and self.act is None:
+            raise RecipeError("act_static=True needs an activation format (act)")
+        if self.act is not None and self.act_static and self.act.granularity not in ("tensor",):
+            raise RecipeError(
+                f"static activation ranges are per tensor; set act.granularity='tensor' "
+                f"(got {self.act.granularity!r}) or act_static=False for dynamic per-token scales"
+            )
+        if self.act is not None and not self.act_static and self.act.granularity == "channel":
+            raise RecipeError("dynamic activation scales are per 'token' or per 'group', not per 'channel'")
+        bad = [r for r in self.skip_roles if r not in ROLES]
+        if bad:
+            raise RecipeError(f"unknown roles {bad} in skip_roles; roles are {list(ROLES)}")
+        if self.min_features < 0:
+            raise RecipeError("min_features must be >= 0")
+        for p in self.skip_patterns + self.include_patterns:
+            import re
+
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise RecipeError(f"bad layer pattern {p!r}: {e}") from e
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.act_static or self.smooth_alpha is not None
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("skip_roles", "skip_patterns", "include_patterns"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        if not isinstance(d, dict):
+            raise RecipeError(f"a recipe must be a mapping, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise RecipeError(f"unknown recipe fields {sorted(unknown)}; valid fields: {sorted(names)}")
+        kw = dict(d)
+        try:
+            for k in ("weight", "act"):
+                if isinstance(kw.get(k), dict):
+                    kw[k] = QuantSpec.from_dict(kw[k])
+                elif isinstance(kw.get(k), str):
+                    kw[k] = _spec_from_str(kw[k])
+            for k in ("skip_roles", "skip_patterns", "include_patterns"):
+                if k in kw:
+                    if isinstance(kw[k], str) or not all(isinstance(x, str) for x in kw[k]):
+                        raise RecipeError(f"{k} must be a list of strings")
+                    kw[k] = tuple(kw[k])
+            return cls(**kw)
+        except (FormatError, TypeError) as e:
+            raise RecipeError(f"bad recipe: {e}") from e
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> "Recipe":
+        """Apply ``{"rank": 16, "weight.group_size": 128}`` or ``["rank=16", ...]`` overrides."""
+        if isinstance(overrides, list):
+            parsed = {}
+            for item in overrides:
+                if "=" not in item:
+                    raise RecipeError(f"override {item!r} is not key=value")
+                k, v = item.split("=", 1)
+                parsed[k.strip()] = _parse_value(v.strip())
+            overrides = parsed
+        d = self.to_dict()
+        for key, value in overrides.items():
+            head, _, sub = key.partition(".")
+            if head not in d:
+                raise RecipeError(f"unknown recipe field {head!r} in override {key!r}")
+            if sub:
+                if d[head] is None:
+                    raise RecipeError(f"cannot set {key!r}: {head} is None in this recipe")
+                spec = dict(d[head])
+                if sub not in spec:
+                    raise RecipeError(f"unknown format field {sub!r}; fields: {sorted(spec)}")
+                spec[sub] = value
+                if sub == "granularity" and value != "group":
+                    spec["group_size"] = None
+                d[head] = spec
+            else:
+                d[head] = value
+        return Recipe.from_dict(d)
+
+
+def _spec_from_str(s: str) -> QuantSpec | None:
+    """``"int4:g64"``, ``"int8:token"``, ``"fp8_e4m3"`` -> QuantSpec; ``"none"`` -> None."""
+    if s.lower() in ("none", "null", ""):
+        return None
+    dtype, _, gran = s.partition(":")
+    if not gran:
+        return QuantSpec(dtype, "channel")
+    if gran.startswith("g") and gran[1:].isdigit():
+        return QuantSpec(dtype, "group", int(gran[1:]))
+    return QuantSpec(dtype, gran)
+
+
+def _parse_value(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def load_recipe_files(paths: list[str | Path], base: Recipe | None = None) -> Recipe:
+    """Stack YAML/JSON recipe files: each file's keys override the previous result."""
+    import yaml
+
+    d = (base or Recipe()).to_dict()
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise RecipeError(f"recipe file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe file {str(p)!r} is not valid YAML/JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe file {str(p)!r} must hold a mapping of recipe fields")
+        if "preset" in data:
+            from diffq.presets import get_preset
+
+            d = get_preset(data.pop("preset")).to_dict()
+        d.update(data)
+    return Recipe.from_dict(d)
+
+
+def replace_recipe(r: Recipe, **kw: Any) -> Recipe:
+    return replace(r, **kw)

@@ -1,0 +1,96 @@
+"""Which layers get which formats: roles, skip rules, group fitting and bit plans -> a choice per layer."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+from diffq.formats import QuantSpec
+from diffq.layers import in_out, quantizable_layers
+from diffq.pipelines.roles import role_of
+from diffq.recipe import Recipe
+
+MIN_GROUP = 8
+
+
+@dataclass
+class LayerChoice:
+    """What happens to one layer. ``skip`` is the reason it stays dense, else None."""
+
+    name: str
+    role: str
+    module: nn.Module
+    weight: QuantSpec | None = None
+    act: QuantSpec | None = None
+    rank: int = 0
+    smooth_alpha: float | None = None
+    recipe: Recipe | None = None
+    skip: str | None = None
+
+
+def fit_group(spec: QuantSpec | None, channels: int) -> QuantSpec | None:
+    """Halve the group size until it divides ``channels`` (down to 8); else fall back to one scale
+    per row (weights: per channel, activations: per token). Returns the spec actually used."""
+    if spec is None or spec.granularity != "group":
+        return spec
+    g = spec.group_size
+    while g >= MIN_GROUP and channels % g:
+        g //= 2
+    if g >= MIN_GROUP and channels % g == 0:
+        return replace(spec, group_size=g)
+    return None
+
+
+def _row_spec(spec: QuantSpec, is_act: bool) -> QuantSpec:
+    return replace(spec, granularity="token" if is_act else "channel", group_size=None,
+                   scale_dtype="fp32" if spec.scale_dtype in ("e4m3", "e8m0") else spec.scale_dtype)
+
+
+def choose_layers(denoiser: nn.Module, recipe: Recipe, plan: dict[str, str] | None = None) -> list[LayerChoice]:
+    """A LayerChoice for every quantizable layer, in module order.
+
+    plan: for the ``mixed`` recipe, layer name -> preset name (or "fp16" to keep it dense).
+    """
+    from diffq.presets import get_preset
+
+    includes = [re.compile(p) for p in recipe.include_patterns]
+    skips = [re.compile(p) for p in recipe.skip_patterns]
+    out = []
+    for name, mod in quantizable_layers(denoiser).items():
+        role = role_of(name)
+        ch = LayerChoice(name, role, mod)
+        out.append(ch)
+        forced = any(p.search(name) for p in includes)
+        cin, cout = in_out(mod)
+        layer_recipe = recipe
+        if plan is not None:
+            choice = plan.get(name)
+            if choice is None or choice == "fp16":
+                ch.skip = "bit plan keeps it in 16 bits" if choice else "not in the bit plan"
+                continue
+            layer_recipe = get_preset(choice)
+        elif not forced:
+            if role in recipe.skip_roles:
+                ch.skip = f"role {role} is kept in 16 bits"
+                continue
+            if any(p.search(name) for p in skips):
+                ch.skip = "matches a skip pattern"
+                continue
+        if min(cin, cout) < recipe.min_features:
+            ch.skip = f"smaller than min_features={recipe.min_features}"
+            continue
+        w = layer_recipe.weight
+        fitted = fit_group(w, cin)
+        ch.weight = fitted if fitted is not None or w is None else _row_spec(w, False)
+        a = layer_recipe.act
+        fitted_a = fit_group(a, cin)
+        ch.act = fitted_a if fitted_a is not None or a is None else _row_spec(a, True)
+        if ch.weight is not None and ch.weight.packed and cin % 2:
+            ch.skip = "odd input width cannot be packed two per byte"
+            continue
+        ch.rank = layer_recipe.rank
+        ch.smooth_alpha = layer_recipe.smooth_alpha
+        ch.recipe = layer_recipe
+    return out

@@ -1,0 +1,73 @@
+"""``QuantSummary``: per layer what was done and what it costs; totals and the size ratio."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerSummary:
+    name: str
+    role: str
+    kind: str  # "linear" | "conv"
+    weight: str  # format description, or "bf16"/"fp32" when kept dense
+    act: str
+    rank: int
+    bytes_before: int
+    bytes_after: int
+    skipped: str | None = None
+
+
+@dataclass
+class QuantSummary:
+    """What ``diffq.quantize`` did. Byte counts: dense layers at their own dtype, quantized layers
+    at what their module holds; ``size_ratio`` = dense denoiser bytes / quantized denoiser bytes
+    over *all* parameters and buffers of the denoiser (not only the quantized layers)."""
+
+    recipe: str
+    family: str
+    layers: list[LayerSummary] = field(default_factory=list)
+    denoiser_bytes_before: int = 0
+    denoiser_bytes_after: int = 0
+
+    @property
+    def quantized(self) -> list[LayerSummary]:
+        return [layer for layer in self.layers if layer.skipped is None]
+
+    @property
+    def size_ratio(self) -> float:
+        return self.denoiser_bytes_before / max(self.denoiser_bytes_after, 1)
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes held by the quantized layers (what a checkpoint stores)."""
+        return sum(layer.bytes_after for layer in self.quantized)
+
+    def to_dict(self) -> dict:
+        return {
+            "recipe": self.recipe,
+            "family": self.family,
+            "size_ratio": self.size_ratio,
+            "denoiser_bytes_before": self.denoiser_bytes_before,
+            "denoiser_bytes_after": self.denoiser_bytes_after,
+            "packed_bytes": self.packed_bytes,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+    def table(self, max_rows: int = 40) -> str:
+        """A plain-text table a person can read in a terminal."""
+        lines = [f"{'layer':52} {'role':13} {'weight':22} {'act':18} {'rank':>4} {'KiB before':>10} {'KiB after':>10}"]
+        for layer in self.layers[:max_rows]:
+            lines.append(
+                f"{layer.name[:52]:52} {layer.role:13} {layer.weight[:22]:22} {layer.act[:18]:18} {layer.rank:4d} "
+                f"{layer.bytes_before / 1024:10.1f} {layer.bytes_after / 1024:10.1f}"
+            )
+        if len(self.layers) > max_rows:
+            lines.append(f"... {len(self.layers) - max_rows} more layers")
+        n_q = len(self.quantized)
+        lines.append(
+            f"{n_q}/{len(self.layers)} layers quantized with {self.recipe}; denoiser "
+            f"{self.denoiser_bytes_before / 2**20:.2f} MiB -> {self.denoiser_bytes_after / 2**20:.2f} MiB "
+            f"(x{self.size_ratio:.2f} smaller)"
+        )
+        return "\n".join(lines)

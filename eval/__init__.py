@@ -1,0 +1,1 @@
+"""Image-quality and text-alignment metrics, prompt sets, generation cache and reports."""

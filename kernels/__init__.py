@@ -1,0 +1,1 @@
+"""Packed low-bit GEMM kernels (Triton) and their torch reference paths."""

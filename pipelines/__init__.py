@@ -1,0 +1,1 @@
+"""Diffusers adapters, model-family role tables, presets, demo models and tiny test pipelines."""

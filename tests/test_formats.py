@@ -1,0 +1,211 @@
+"""Number formats: exact packing, error bounds versus the grid, clear errors on bad input."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diffq.errors import FormatError, QuantizationError
+from diffq.formats import (
+    MXFP4,
+    NVFP4,
+    QuantSpec,
+    dequantize,
+    fake_quantize,
+    int_range,
+    pack_int4,
+    quantize,
+    unpack_int4,
+)
+from diffq.formats.floating import E2M1_VALUES, FP_MAX
+
+INT_SPECS = [
+    QuantSpec(f"int{b}", g, gs)
+    for b in (2, 3, 4, 8)
+    for g, gs in (("tensor", None), ("channel", None), ("group", 8))
+] + [QuantSpec(f"uint{b}", "group", 8) for b in (2, 4, 8)]
+
+FP_SPECS = [
+    QuantSpec("fp8_e4m3", "token"),
+    QuantSpec("fp8_e5m2", "channel"),
+    QuantSpec("fp4_e2m1", "group", 8),
+    NVFP4,
+    MXFP4,
+]
+
+
+def test_pack_unpack_every_signed_code_exact():
+    codes = torch.arange(-8, 8, dtype=torch.int8)
+    grid = torch.cartesian_prod(codes, codes).to(torch.int8)  # every pair of nibbles
+    packed = pack_int4(grid)
+    assert packed.dtype == torch.uint8 and packed.shape == (256, 1)
+    assert len(set(packed.flatten().tolist())) == 256  # a bijection onto bytes
+    assert torch.equal(unpack_int4(packed), grid)
+
+
+def test_pack_unpack_every_unsigned_code_exact():
+    codes = torch.arange(0, 16, dtype=torch.uint8)
+    grid = torch.cartesian_prod(codes, codes).to(torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(grid), signed=False), grid)
+
+
+def test_pack_layout_low_nibble_first():
+    packed = pack_int4(torch.tensor([[1, 2, -1, 7]], dtype=torch.int8))
+    assert packed.tolist() == [[0x21, 0x7F]]
+
+
+def test_pack_rejects_odd_and_out_of_range():
+    with pytest.raises(FormatError, match="even"):
+        pack_int4(torch.zeros(3, dtype=torch.int8))
+    with pytest.raises(FormatError, match=r"\[-8, 7\]"):
+        pack_int4(torch.tensor([9, -1], dtype=torch.int16))
+
+
+finite = st.floats(min_value=-(2.0**100), max_value=2.0**100, allow_nan=False, allow_infinity=False, width=32)
+
+
+@st.composite
+def matrices(draw, cols=32):
+    rows = draw(st.integers(1, 4))
+    vals = draw(st.lists(finite, min_size=rows * cols, max_size=rows * cols))
+    scale = draw(st.sampled_from([1e-6, 1.0, 1e6]))
+    return torch.tensor(vals, dtype=torch.float32).reshape(rows, cols) * scale
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=matrices(), idx=st.integers(0, len(INT_SPECS) - 1))
+def test_int_error_within_half_step(x, idx):
+    spec = INT_SPECS[idx]
+    q = quantize(x, spec)
+    lo, hi = int_range(spec)
+    assert int(q.codes.min()) >= lo and int(q.codes.max()) <= hi
+    err = (dequantize(q) - x).abs()
+    if spec.granularity == "group":
+        step = q.scale.repeat_interleave(spec.group_size, dim=1)
+    else:
+        step = q.scale.expand_as(x)
+    # half a step, plus fp32 rounding of x/scale and of codes*scale
+    assert torch.all(err <= 0.5 * step * (1 + 1e-5) + 1e-6 * x.abs()), (spec, (err / step).max())
+
+
+def _e_grid(spec):
+    if spec.dtype == "fp4_e2m1":
+        return E2M1_VALUES
+    dt = torch.float8_e4m3fn if spec.dtype == "fp8_e4m3" else torch.float8_e5m2
+    allb = torch.arange(256, dtype=torch.uint8).view(dt).float()
+    return allb[torch.isfinite(allb)].abs().unique()
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=matrices(), idx=st.integers(0, len(FP_SPECS) - 1))
+def test_fp_never_exceeds_max_and_rounds_to_nearest(x, idx):
+    spec = FP_SPECS[idx]
+    q = quantize(x, spec)
+    d = dequantize(q)
+    fmax = FP_MAX[spec.dtype]
+    g = spec.group_size or x.shape[1]
+    scale = q.scale.repeat_interleave(g, dim=1) if spec.granularity == "group" else q.scale.expand_as(x)
+    y = x / scale  # the value the format had to represent
+    assert torch.all(d.abs() <= fmax * scale * (1 + 1e-6))
+    # dequantized/scale lies on the grid and is the nearest grid point to y (saturated)
+    grid = _e_grid(spec)
+    v = (d / scale).abs()
+    dist_to_grid = (v.reshape(-1, 1) - grid.reshape(1, -1)).abs().min(1).values
+    assert torch.all(dist_to_grid <= 1e-4 * v.reshape(-1).clamp_min(1))
+    ys = y.abs().clamp(max=fmax).reshape(-1, 1)
+    best = (ys - grid.reshape(1, -1)).abs().min(1).values
+    got = (ys.reshape(-1) - v.reshape(-1)).abs()
+    assert torch.all(got <= best * (1 + 1e-4) + 1e-6 * ys.reshape(-1))
+
+
+@pytest.mark.parametrize("spec", INT_SPECS[:3] + FP_SPECS, ids=lambda s: s.describe())
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_inf_raise_clear_error(spec, bad):
+    x = torch.ones(2, 16)
+    x[1, 3] = bad
+    with pytest.raises(QuantizationError, match="NaN"):
+        quantize(x, spec)
+
+
+@pytest.mark.parametrize("spec", INT_SPECS + FP_SPECS, ids=lambda s: s.describe())
+def test_zero_size_and_all_zero(spec):
+    q = quantize(torch.empty(0, 32), spec)
+    assert q.codes.shape == (0, 32)
+    z = torch.zeros(3, 32)
+    q = quantize(z, spec)
+    assert torch.all(q.scale > 0), "zero scales are clamped, never 0"
+    assert torch.equal(dequantize(q), z)
+
+
+def test_huge_range_saturates_not_overflows():
+    x = torch.tensor([[3e38, -3e38, 1.0, 0.0] * 8])
+    for spec in INT_SPECS + FP_SPECS:
+        d = dequantize(quantize(x, spec))
+        assert torch.isfinite(d).all(), spec
+
+
+def test_fp16_scales_clamp_to_normal_range_as_documented():
+    spec = QuantSpec("int4", "group", 8, "fp16")
+    x = torch.randn(4, 16)
+    q = quantize(x, spec)
+    assert q.scale_stored.dtype == torch.float16
+    err = (dequantize(q) - x).abs()
+    assert torch.all(err <= 0.5 * q.scale.repeat_interleave(8, dim=1) * (1 + 1e-5))
+    # beyond fp16's max scale values saturate at qmax * 65504 instead of overflowing
+    big = quantize(torch.full((1, 8), 1e6), spec)
+    assert float(big.scale.max()) == 65504.0
+    assert torch.allclose(dequantize(big), torch.full((1, 8), 7 * 65504.0))
+    tiny = quantize(torch.full((1, 8), 1e-9), spec)
+    assert float(tiny.scale.min()) == 2.0**-14  # never denormal
+
+
+def test_group_size_must_divide():
+    with pytest.raises(FormatError, match="does not divide"):
+        quantize(torch.randn(2, 10), QuantSpec("int4", "group", 4))
+
+
+def test_bad_specs_rejected():
+    with pytest.raises(FormatError):
+        QuantSpec("int9")
+    with pytest.raises(FormatError):
+        QuantSpec("int4", "group")
+    with pytest.raises(FormatError):
+        QuantSpec("int4", "channel", 32)
+    with pytest.raises(FormatError):
+        QuantSpec("int4", "group", 32, "e8m0")
+
+
+def test_int8_relative_error_small_on_gaussian():
+    x = torch.randn(64, 256)
+    d = dequantize(quantize(x, QuantSpec("int8", "channel")))
+    rel = (d - x).norm() / x.norm()
+    assert rel < 0.01
+    d4 = dequantize(quantize(x, QuantSpec("int4", "group", 32)))
+    assert (d4 - x).norm() / x.norm() > rel  # fewer bits, more error
+
+
+def test_nvfp4_beats_mxfp4_on_gaussian():
+    # finer blocks and non-power-of-two scales: NVFP4 should be more accurate than MXFP4
+    x = torch.randn(32, 256)
+    e_nv = (dequantize(quantize(x, NVFP4)) - x).pow(2).mean()
+    e_mx = (dequantize(quantize(x, MXFP4)) - x).pow(2).mean()
+    assert e_nv < e_mx
+
+
+def test_fake_quantize_straight_through_gradient():
+    x = torch.randn(4, 32, requires_grad=True)
+    y = fake_quantize(x, QuantSpec("int4", "group", 32))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    assert not torch.equal(y.detach(), x.detach())
+
+
+def test_amax_override_and_clip_ratio():
+    x = torch.linspace(-1, 1, 32).reshape(1, 32)
+    q = quantize(x, QuantSpec("int8", "tensor"), amax=0.5)
+    assert math.isclose(float(q.scale), 0.5 / 127, rel_tol=1e-6)
+    assert float(dequantize(q).max()) <= 0.5 + 1e-6  # clipped
+    q2 = quantize(x, QuantSpec("int8", "tensor"), clip_ratio=0.5)
+    assert torch.allclose(q2.scale, q.scale)
