@@ -22,7 +22,7 @@ def weights_fingerprint(model: nn.Module) -> str:
             raise ValueError(f"cannot fingerprint meta tensor {name}")
         flat = p.detach().reshape(-1)
         if flat.numel() > SAMPLES:
-            idx = torch.linspace(0, flat.numel() - 1, SAMPLES, device=flat.device).long()
+            idx = torch.arange(SAMPLES, device=flat.device) * (flat.numel() - 1) // (SAMPLES - 1)
             flat = flat[idx]
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
         h.update(flat.float().cpu().numpy().tobytes())

@@ -51,8 +51,9 @@ def prompts_to_class_labels(pipe, prompts: Sequence[str | int]) -> list[int]:
 
 def pipeline_kwargs(pipe, prompts: Sequence[str], generators: list[torch.Generator], **kw) -> dict:
     """Build the ``pipe(...)`` kwargs for a batch of prompts, per family."""
-    fam = adapter_for(pipe).name
-    args = {k: v for k, v in kw.items() if v is not None}
+    adapter = adapter_for(pipe)
+    fam = adapter.name
+    args = {**adapter.extra_call_kwargs(pipe), **{k: v for k, v in kw.items() if v is not None}}
     if fam == "dit":
         args["class_labels"] = prompts_to_class_labels(pipe, prompts)
         args.pop("height", None)

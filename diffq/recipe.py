@@ -64,9 +64,49 @@ class Recipe:
         self.validate()
 
     # ------------------------------------------------------------------ validation
+    def _check_types(self) -> None:
+        def bad(field_name: str, want: str):
+            raise RecipeError(
+                f"recipe field {field_name}={getattr(self, field_name)!r} must be {want}"
+            )
+
+        for k in ("weight", "act"):
+            v = getattr(self, k)
+            if v is not None and not isinstance(v, QuantSpec):
+                bad(k, "a format such as {'dtype': 'int4', 'granularity': 'group', 'group_size': 64}, "
+                       "a string like 'int4:g64', or null")
+        if not isinstance(self.name, str):
+            bad("name", "a string")
+        for k in ("act_static", "split_shortcut", "text_encoder", "bos_aware"):
+            if not isinstance(getattr(self, k), bool):
+                bad(k, "true or false")
+        for k in ("rank", "min_features"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int):
+                bad(k, "an integer")
+        for k in ("group_threshold", "percentile"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                bad(k, "a number")
+        if self.smooth_alpha is not None and (
+            isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float))
+            or self.smooth_alpha != self.smooth_alpha
+        ):
+            bad("smooth_alpha", "a number in [0, 1] or null")
+        if self.timestep_groups is not None and (
+            isinstance(self.timestep_groups, bool) or not isinstance(self.timestep_groups, int)
+        ):
+            bad("timestep_groups", "an integer or null")
+        if self.bit_plan is not None and not isinstance(self.bit_plan, str):
+            bad("bit_plan", "a file path or null")
+        for k in ("weight_clip", "act_clip"):
+            if not isinstance(getattr(self, k), str):
+                bad(k, f"one of {list(CLIP_METHODS)}")
+
     def validate(self) -> None:
         from diffq.pipelines.roles import ROLES
 
+        self._check_types()
         if self.weight is None and self.bit_plan is None:
             raise RecipeError(f"recipe {self.name!r} quantizes nothing: set weight (e.g. int8) or bit_plan")
         for c, label in ((self.weight_clip, "weight_clip"), (self.act_clip, "act_clip")):

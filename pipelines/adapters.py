@@ -47,6 +47,10 @@ class FamilyAdapter:
         """Modules whose input is a channel concatenation [main, skip]: name -> (main, skip) widths."""
         return {}
 
+    def extra_call_kwargs(self, pipe) -> dict:
+        """Family-specific ``pipe(...)`` arguments diffq needs for a plain text-to-image call."""
+        return {}
+
 
 class SDAdapter(FamilyAdapter):
     name = "sd"
@@ -84,6 +88,14 @@ class SDXLAdapter(SDAdapter):
 class PixArtAdapter(FamilyAdapter):
     name = "pixart"
     pipeline_prefixes = ("PixArt",)
+
+    def extra_call_kwargs(self, pipe) -> dict:
+        """PixArt only knows aspect-ratio bins for latents of 32/64/128; other sizes must opt out.
+        ``clean_caption`` needs bs4/ftfy, which diffq does not install."""
+        kw = {"clean_caption": False}
+        if pipe.transformer.config.sample_size not in (32, 64, 128):
+            kw["use_resolution_binning"] = False
+        return kw
 
 
 class SD3Adapter(FamilyAdapter):

@@ -4,6 +4,9 @@ per-step statistics."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -48,12 +51,15 @@ def calibrate(
     height: int | None = None,
     width: int | None = None,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> CalibrationStats:
     """Collect per-timestep input statistics of every quantizable layer of ``pipe``'s denoiser.
 
     prompts: calibration prompts (class names or ids for class-conditional pipelines).
     record_steps: record only this many steps, uniformly spread (None = all steps).
     Image i of prompt p uses seed ``seed + p * images_per_prompt + i``, so runs are deterministic.
+    checkpoint: a .safetensors path; the statistics are saved there (atomically) after every batch
+        and an interrupted run with the same arguments resumes after the last finished batch.
     Raises CalibrationError on an empty prompt list or a NaN/Inf input (naming layer and step).
     """
     prompts = list(prompts)
@@ -68,6 +74,13 @@ def calibrate(
     recorded = set(uniform_steps(num_inference_steps, record_steps))
     stats: dict[str, LayerStats] = {}
     step_buckets = [-1] * num_inference_steps
+    all_prompts = [p for p in prompts for _ in range(images_per_prompt)]
+    run_id = _run_id(all_prompts, num_inference_steps, guidance_scale, seed, batch_size, record_steps, height, width)
+    done = 0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        prev = CalibrationStats.load(checkpoint)
+        if prev.meta.get("run_id") == run_id and prev.structure == structure_fingerprint(denoiser):
+            stats, step_buckets, done = prev.layers, prev.step_buckets, int(prev.meta.get("done", 0))
     state = {"calls_at_start": 0}
 
     def make_hook(name: str, module: nn.Module):
@@ -92,12 +105,33 @@ def calibrate(
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(n, m)) for n, m in layers.items()]
-    all_prompts = [p for p in prompts for _ in range(images_per_prompt)]
     seeds = [seed + i for i in range(len(all_prompts))]
-    bar = tqdm(total=len(all_prompts), desc="calibrate", disable=not progress_enabled(progress))
+    bar = tqdm(total=len(all_prompts), initial=done, desc="calibrate", disable=not progress_enabled(progress))
+
+    def snapshot(n_done: int) -> CalibrationStats:
+        missing = [n for n in layers if n not in stats]
+        return CalibrationStats(
+            family=adapter.name,
+            structure=structure_fingerprint(denoiser),
+            num_steps=num_inference_steps,
+            step_buckets=list(step_buckets),
+            layers=stats,
+            splits={k: v for k, v in adapter.skip_splits(denoiser).items() if k in stats},
+            meta={
+                "prompts": len(prompts),
+                "images_per_prompt": images_per_prompt,
+                "seed": seed,
+                "guidance_scale": guidance_scale,
+                "record_steps": sorted(recorded),
+                "unobserved_layers": missing,
+                "run_id": run_id,
+                "done": n_done,
+            },
+        )
+
     try:
         # one pipeline call per batch; step index = denoiser calls since the batch started
-        for i in range(0, len(all_prompts), batch_size):
+        for i in range(done, len(all_prompts), batch_size):
             state["calls_at_start"] = tracker.calls
             generate(
                 pipe, all_prompts[i : i + batch_size], seeds[i : i + batch_size],
@@ -105,26 +139,18 @@ def calibrate(
                 height=height, width=width, batch_size=batch_size,
             )
             bar.update(len(all_prompts[i : i + batch_size]))
+            if checkpoint is not None:
+                snapshot(min(i + batch_size, len(all_prompts))).save(checkpoint)
     finally:
         for h in handles:
             h.remove()
         bar.close()
-    missing = [n for n in layers if n not in stats]
-    if len(missing) == len(layers):
+    result = snapshot(len(all_prompts))
+    if len(result.meta["unobserved_layers"]) == len(layers):
         raise CalibrationError("no layer saw any input during calibration; is this the pipeline's denoiser?")
-    return CalibrationStats(
-        family=adapter.name,
-        structure=structure_fingerprint(denoiser),
-        num_steps=num_inference_steps,
-        step_buckets=step_buckets,
-        layers=stats,
-        splits={k: v for k, v in adapter.skip_splits(denoiser).items() if k in stats},
-        meta={
-            "prompts": len(prompts),
-            "images_per_prompt": images_per_prompt,
-            "seed": seed,
-            "guidance_scale": guidance_scale,
-            "record_steps": sorted(recorded),
-            "unobserved_layers": missing,
-        },
-    )
+    return result
+
+
+def _run_id(*parts) -> str:
+    """Identity of a calibration run's arguments: a checkpoint only resumes the same run."""
+    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]

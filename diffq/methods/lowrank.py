@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+RANDOMIZED_ABOVE = 512
+
 
 def effective_rank(rank: int, out_features: int, in_features: int) -> int:
     """The rank actually used: at most a quarter of the smaller side, so the 16-bit branch never
@@ -19,8 +21,16 @@ def effective_rank(rank: int, out_features: int, in_features: int) -> int:
 def lowrank_split(weight_rows: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight_rows [N, K] fp -> (L1 [K, r], L2 [r, N], R [N, K]) with ``W = (L1 · L2)ᵀ + R``."""
     w = weight_rows.double()
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    if min(w.shape) > RANDOMIZED_ABOVE and rank < min(w.shape) // 4:
+        # big layers: randomized range finder (a few power iterations) gets the top-r subspace at a
+        # fraction of a full SVD's cost; seeded so quantization is deterministic. R is exact either way.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(w.float(), q=rank + 16, niter=4)
+        u, s, vh = u[:, :rank].double(), s[:rank].double(), v[:, :rank].t().double()
+    else:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     root = s.sqrt()
     l1 = (vh.t() * root).float()  # [K, r]
     l2 = (root[:, None] * u.t()).float()  # [r, N]

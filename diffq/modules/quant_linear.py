@@ -24,6 +24,21 @@ from diffq.modules.act_quant import ActQuantizer
 from diffq.modules.qweight import dequantize_weight, held_bytes, register_qweight
 
 
+def _fused_kernel(module: nn.Module, x: torch.Tensor):
+    """The Triton forward for ``module`` on CUDA inputs when its formats match a kernel, else None.
+
+    CPU inputs always get None (the torch reference math below stays the CPU path); so does a
+    build without the kernels package.
+    """
+    if not x.is_cuda:
+        return None
+    try:
+        from diffq.kernels.modules import module_kernel
+    except ImportError:
+        return None
+    return module_kernel(module, x)
+
+
 class _QuantBase(nn.Module):
     in_features: int
     out_features: int
@@ -64,8 +79,9 @@ class _QuantBase(nn.Module):
 
     def set_lowrank(self, lr_down: torch.Tensor | None, lr_up: torch.Tensor | None) -> None:
         """Replace the 16-bit branch (used by LoRA fusion); shapes [K', r] and [r, N]."""
-        self.lr_down = None if lr_down is None else lr_down.detach().to(self.compute_dtype).contiguous()
-        self.lr_up = None if lr_up is None else lr_up.detach().to(self.compute_dtype).contiguous()
+        dev, dt = self.qweight.device, self.compute_dtype
+        self.lr_down = None if lr_down is None else lr_down.detach().to(dev, dt).contiguous()
+        self.lr_up = None if lr_up is None else lr_up.detach().to(dev, dt).contiguous()
 
     def _quant_input(self, x_s: torch.Tensor) -> torch.Tensor:
         return x_s if self.act is None else self.act(x_s)
@@ -93,8 +109,9 @@ class QuantLinear(_QuantBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"QuantLinear expects [..., {self.in_features}] input, got {tuple(x.shape)}")
-        if self.kernel is not None:
-            return self.kernel(self, x)
+        kernel = self.kernel if self.kernel is not None else _fused_kernel(self, x)
+        if kernel is not None:
+            return kernel(self, x)
         x_s = x if self.smooth is None else x / self.smooth.to(x.dtype)
         w = dequantize_weight(self, x.dtype)
         y = F.linear(self._quant_input(x_s), w, None if self.bias is None else self.bias.to(x.dtype))
@@ -151,8 +168,9 @@ class QuantConv2d(_QuantBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ShapeError(f"QuantConv2d expects [B, {self.in_channels}, H, W] input, got {tuple(x.shape)}")
-        if self.kernel is not None:
-            return self.kernel(self, x)
+        kernel = self.kernel if self.kernel is not None else _fused_kernel(self, x)
+        if kernel is not None:
+            return kernel(self, x)
         x_s = x if self.smooth is None else x / self.smooth.to(x.dtype).view(1, -1, 1, 1)
         xq = x_s
         if self.act is not None:

@@ -42,9 +42,11 @@ def attach_tracker(denoiser: nn.Module, timestep_of: TimestepGetter) -> Timestep
     tracker = TimestepTracker()
 
     def hook(module, args, kwargs):
+        # look the tracker up on the module, not in this closure: a deep-copied denoiser shares this
+        # hook function but must drive its own (copied) tracker
         t = timestep_of(args, kwargs)
         if t is not None:
-            tracker.set_timestep(t)
+            module._diffq_tracker.set_timestep(t)
 
     handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     denoiser._diffq_tracker = tracker

@@ -1,0 +1,83 @@
+"""Denoiser size of every preset on an SD1.5-size UNet (real SD1.5 UNet config, random weights).
+
+Random weights are fine for size: bytes depend on shapes and formats, not values. The pipeline
+around the UNet is tiny (small VAE and a one-layer 768-wide text encoder) so calibration, which
+smoothing needs, runs on CPU in seconds at 256x256.
+
+    python benchmarks/sd15_size.py [--presets w8a8,w4a4-svd] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+import diffq
+
+# runwayml/stable-diffusion-v1-5 unet/config.json (the values that set layer shapes)
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=32,
+)
+
+
+def sd15_size_pipeline() -> StableDiffusionPipeline:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).to(torch.bfloat16)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), latent_channels=4, norm_num_groups=16,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3, "a": 4, "photo": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 1), ("[EOS]", 2)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]",
+                                        unk_token="[UNK]", model_max_length=77)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=768, intermediate_size=256, num_hidden_layers=1,
+                                      num_attention_heads=12, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    pipe = StableDiffusionPipeline(vae=vae.to(torch.bfloat16), text_encoder=te.to(torch.bfloat16), tokenizer=tokenizer,
+                                   unet=unet, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", default="w8a8,w4a8,w4a16,w4a4,w4a4-svd,fp8,fp4")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    base = sd15_size_pipeline()
+    n_params = sum(p.numel() for p in base.unet.parameters())
+    print(f"SD1.5 UNet: {n_params / 1e6:.0f}M parameters, {n_params * 2 / 2**20:.0f} MiB in bf16")
+    t0 = time.perf_counter()
+    stats = diffq.calibrate(base, ["a photo"], num_inference_steps=2, height=256, width=256, progress=False)
+    print(f"calibration (1 prompt x 2 steps at 256x256): {time.perf_counter() - t0:.0f} s")
+    rows = []
+    for name in args.presets.split(","):
+        pipe = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        s = diffq.quantize(pipe, name, calibration=stats, progress=False)
+        dt = time.perf_counter() - t0
+        rows.append({"preset": name, "size_ratio_vs_bf16": round(s.size_ratio, 3),
+                     "denoiser_MiB": round(s.denoiser_bytes_after / 2**20, 1), "quantized_layers": len(s.quantized),
+                     "layers": len(s.layers), "quantize_s": round(dt, 1)})
+        print(rows[-1], flush=True)
+        del pipe
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"n_params": n_params, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
