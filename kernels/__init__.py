@@ -1,1 +1,49 @@
-"""Packed low-bit GEMM kernels (Triton) and their torch reference paths."""
+"""Packed low-bit GEMM kernels (Triton) and their torch reference paths.
+
+Every public function takes ``backend="auto"`` (Triton on a supported CUDA GPU, else the torch
+reference), ``"triton"`` (forced; on the CPU only under ``TRITON_INTERPRET=1``) or
+``"reference"``. Shapes: x [..., K] -> y [..., N] in x.dtype; weights [N, K] (int8 / E4M3) or
+packed int4 [N, K // 2] (two's-complement nibbles, element 2j in the low nibble of byte j).
+
+Kernels: :func:`w4a16_linear` (weight-only int4), :func:`w8a8_linear` (int8 x int8),
+:func:`w4a8_linear` (int4 weights on int8 MMA), :func:`w4a4_linear` (SVDQuant: int4 x int4 +
+low-rank branch; pieces :func:`quantize_act_lowrank` and :func:`w4a4_gemm`), :func:`fp8_linear`
+(E4M3). Convolutions: :func:`conv2d_via_gemm` / :func:`im2col_nhwc` (NHWC patch order, matching
+the core's [N, kh*kw*Cin] conv weight rows). Torch references live in
+:mod:`diffq.kernels.reference`. Modules: :func:`fused_forward` / :func:`kernel_kind` map a
+QuantLinear / QuantConv2d to its kernel (used by their ``forward`` on CUDA inputs).
+"""
+
+from diffq.kernels.conv import conv2d_via_gemm, conv_output_hw, expand_channel_vector, im2col_nhwc
+from diffq.kernels.dispatch import (
+    KernelUnavailableError,
+    fp8_linear,
+    quantize_act_lowrank,
+    quantize_act_per_token,
+    triton_unavailable_reason,
+    w4a4_gemm,
+    w4a4_linear,
+    w4a8_linear,
+    w4a16_linear,
+    w8a8_linear,
+)
+from diffq.kernels.modules import fused_forward, kernel_kind
+
+__all__ = [
+    "KernelUnavailableError",
+    "conv2d_via_gemm",
+    "conv_output_hw",
+    "expand_channel_vector",
+    "fp8_linear",
+    "fused_forward",
+    "im2col_nhwc",
+    "kernel_kind",
+    "quantize_act_lowrank",
+    "quantize_act_per_token",
+    "triton_unavailable_reason",
+    "w4a4_gemm",
+    "w4a4_linear",
+    "w4a8_linear",
+    "w4a16_linear",
+    "w8a8_linear",
+]

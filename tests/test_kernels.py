@@ -1,0 +1,430 @@
+"""Kernels: Triton (under TRITON_INTERPRET=1 on the CPU) vs the torch reference, the reference vs a
+dequantize-then-matmul oracle built from diffq.formats, conv via im2col vs F.conv2d, module wiring,
+shape errors, tile tables. CUDA-only checks are marked ``cuda`` and skip without a GPU.
+
+Tolerances (stated, and why):
+* integer kernels (w8a8, w4a8, w4a4 without low-rank) and the activation quantizers: bit-exact,
+  because int32 sums are exact and the fp32 epilogue multiplies in the same order as the reference;
+  outputs in fp16/bf16 are exact too (the kernels round to nearest-even explicitly);
+* fp32 dot products whose summation order differs (w4a16's fp32 matmul, FP8's fp32 accumulation,
+  the low-rank branch): |diff| <= 1e-5 * max|y| (+1 ulp of the output dtype when it is 16-bit);
+* reference vs oracle (different but equivalent fp32 formulas): |diff| <= 1e-5 * max|y|.
+"""
+
+from __future__ import annotations
+
+import diffq.kernels as K
+import pytest
+import torch
+import torch.nn.functional as F
+from diffq.kernels import autotune, conv, modules
+from diffq.kernels import reference as ref
+
+from diffq.errors import DiffqError, ShapeError
+from diffq.formats import QuantSpec, dequantize, fake_quantize, pack_int4, quantize
+from diffq.modules import ActQuantizer, QuantConv2d, QuantLinear, conv_weight_rows
+
+cuda = pytest.mark.cuda
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ULP = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
+    """|a - b| <= rel * max|b| + one ulp of b's dtype at b's magnitude."""
+    assert a.shape == b.shape and a.dtype == b.dtype
+    a, bf = a.float(), b.float()
+    scale = bf.abs().max().clamp_min(1e-12)
+    tol = rel * scale + ULP[b.dtype] * bf.abs()
+    err = (a - bf).abs()
+    assert bool((err <= tol + 1e-12).all()), f"max err {float(err.max()):.3g} vs max|y| {float(scale):.3g}"
+
+
+def _int4_weight(n: int, k: int, g: int, dtype=torch.float16):
+    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    return codes, pack_int4(codes), (torch.rand(n, k // g) * 0.05 + 0.01).to(dtype)
+
+
+def _x(shape, dtype):
+    return torch.randn(*shape).to(dtype)
+
+
+# ------------------------------------------------------------------ Triton vs reference (interpreter)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_w4a16_triton_matches_reference(dtype):
+    x = _x((2, 19, 128), dtype)  # M = 38: partial row tile
+    _, qw, ws = _int4_weight(40, 128, 32)  # N = 40: partial column tile
+    bias = torch.randn(40).to(dtype)
+    y_t = K.w4a16_linear(x, qw, ws, 32, bias, backend="triton")
+    y_r = K.w4a16_linear(x, qw, ws, 32, bias, backend="reference")
+    assert y_t.shape == (2, 19, 40)
+    _close(y_t, y_r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_w8a8_triton_bit_exact(dtype, static):
+    x = _x((37, 96), dtype)  # K = 96: not a multiple of BLOCK_K, exercises the K mask
+    w = torch.randint(-127, 128, (24, 96), dtype=torch.int8)
+    ws = torch.rand(24, 1) * 0.01
+    smooth = torch.rand(96) + 0.5
+    act = torch.tensor(0.02) if static else None
+    args = {"act_scale": act, "smooth": smooth}
+    b = torch.randn(24).to(dtype)
+    y_t = K.w8a8_linear(x, w, ws, b, backend="triton", **args)
+    y_r = K.w8a8_linear(x, w, ws, b, backend="reference", **args)
+    assert torch.equal(y_t, y_r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_w4a8_triton_bit_exact(dtype):
+    x = _x((33, 128), dtype)
+    _, qw, ws = _int4_weight(48, 128, 64)
+    y_t = K.w4a8_linear(x, qw, ws, 64, None, backend="triton")
+    y_r = K.w4a8_linear(x, qw, ws, 64, None, backend="reference")
+    assert torch.equal(y_t, y_r)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_per_token_quantizer_bit_exact(fmt, static):
+    x = _x((21, 300), torch.float32) * 3  # K = 300: two passes with a ragged last block
+    x[3] = 0.0  # all-zero row: scale clamps at 2^-32, codes 0
+    smooth = torch.rand(300) + 0.5
+    act = torch.tensor(0.05) if static else None
+    q_t, s_t = K.quantize_act_per_token(x, fmt=fmt, smooth=smooth, act_scale=act, backend="triton")
+    q_r, s_r = K.quantize_act_per_token(x, fmt=fmt, smooth=smooth, act_scale=act, backend="reference")
+    assert torch.equal(s_t, s_r)
+    assert torch.equal(q_t.view(torch.uint8), q_r.view(torch.uint8))
+
+
+@pytest.mark.parametrize("static", [None, "scalar", "group"])
+def test_lowrank_input_stage_matches(static):
+    x = _x((45, 128), torch.bfloat16)
+    lr_down = (torch.randn(128, 8) * 0.1).to(torch.bfloat16)
+    smooth = torch.rand(128) + 0.5
+    act = {None: None, "scalar": torch.tensor(0.3), "group": torch.tensor([0.2, 0.4])}[static]
+    out_t = K.quantize_act_lowrank(x, 64, lr_down=lr_down, smooth=smooth, act_scale=act, backend="triton")
+    out_r = K.quantize_act_lowrank(x, 64, lr_down=lr_down, smooth=smooth, act_scale=act, backend="reference")
+    assert torch.equal(out_t[0], out_r[0])  # packed codes
+    assert torch.equal(out_t[1], out_r[1])  # group scales
+    _close(out_t[2], out_r[2])  # down-projection: fp32 dot, order differs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rank", [0, 8], ids=["no-lr", "lr8"])
+def test_w4a4_lowrank_triton_matches(dtype, rank):
+    x = _x((3, 13, 128), dtype)
+    _, qw, ws = _int4_weight(72, 128, 32)
+    bias = torch.randn(72).to(dtype)
+    lr = {}
+    if rank:
+        lr = {"lr_down": (torch.randn(128, rank) * 0.1).to(dtype), "lr_up": (torch.randn(rank, 72) * 0.1).to(dtype)}
+    smooth = torch.rand(128) + 0.5
+    y_t = K.w4a4_linear(x, qw, ws, 32, bias, smooth=smooth, backend="triton", **lr)
+    y_r = K.w4a4_linear(x, qw, ws, 32, bias, smooth=smooth, backend="reference", **lr)
+    if rank == 0:
+        assert torch.equal(y_t, y_r)
+    else:
+        _close(y_t, y_r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fp8_triton_matches_reference(dtype):
+    x = _x((29, 160), dtype)
+    w = (torch.randn(36, 160) * 60).clamp(-448, 448).to(torch.float8_e4m3fn)
+    ws = torch.rand(36, 1) * 0.01
+    y_t = K.fp8_linear(x, w, ws, torch.ones(36).to(dtype), backend="triton")
+    y_r = K.fp8_linear(x, w, ws, torch.ones(36).to(dtype), backend="reference")
+    _close(y_t, y_r)
+
+
+def test_empty_batch_gives_empty_output():
+    _, qw, ws = _int4_weight(16, 64, 32)
+    y = K.w4a4_linear(torch.zeros(0, 64), qw, ws, 32, backend="triton")
+    assert y.shape == (0, 16)
+
+
+# ------------------------------------------------------------------ reference vs format oracle
+
+
+def _oracle(x, wq, aspec, bias=None, lr=None, smooth=None):
+    """Dequantize-then-matmul in fp32 with diffq.formats: Q_a(x / s) @ deq(W)^T + ((x/s) L1) L2 + b."""
+    xs = x if smooth is None else x / smooth
+    xa = xs if aspec is None else fake_quantize(xs, aspec)
+    y = xa @ dequantize(wq).t()
+    if lr is not None:
+        y = y + (xs @ lr[0]) @ lr[1]
+    return y if bias is None else y + bias
+
+
+def test_references_match_format_oracle():
+    torch.manual_seed(3)
+    x = torch.randn(17, 128)
+    w = torch.randn(40, 128)
+    b = torch.randn(40)
+    s = torch.rand(128) + 0.5
+    g64 = QuantSpec("int4", "group", 64, "fp16")
+    q4 = quantize(w, g64)
+    q8 = quantize(w, QuantSpec("int8", "channel"))
+    qf = quantize(w, QuantSpec("fp8_e4m3", "channel"))
+    lr = (torch.randn(128, 4) * 0.1, torch.randn(4, 40) * 0.1)
+    p4 = pack_int4(q4.codes)
+    cases = {
+        "w4a16": (K.w4a16_linear(x, p4, q4.scale_stored, 64, b, backend="reference"), _oracle(x, q4, None, b)),
+        "w8a8": (
+            K.w8a8_linear(x, q8.codes, q8.scale, b, smooth=s, backend="reference"),
+            _oracle(x, q8, QuantSpec("int8", "token"), b, smooth=s),
+        ),
+        "w4a8": (
+            K.w4a8_linear(x, p4, q4.scale_stored, 64, b, backend="reference"),
+            _oracle(x, q4, QuantSpec("int8", "token"), b),
+        ),
+        "w4a4": (
+            K.w4a4_linear(x, p4, q4.scale_stored, 64, b, lr_down=lr[0], lr_up=lr[1], smooth=s, backend="reference"),
+            _oracle(x, q4, QuantSpec("int4", "group", 64), b, lr, s),
+        ),
+        "fp8": (
+            K.fp8_linear(x, qf.codes, qf.scale, b, backend="reference"),
+            _oracle(x, qf, QuantSpec("fp8_e4m3", "token"), b),
+        ),
+    }
+    for name, (got, want) in cases.items():
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err <= 1e-5, f"{name}: rel err {err:.2e}"
+
+
+def test_static_scale_matches_core_rule():
+    """act_scale = amax / qmax reproduces the core's static fake-quantization exactly."""
+    x = torch.randn(9, 64) * 4
+    amax = torch.tensor(3.0)
+    codes, scale = ref.quantize_act_int(x, 8, None, act_scale=amax / 127)
+    fq = fake_quantize(x, QuantSpec("int8", "tensor"), amax=amax)
+    assert torch.equal(codes.float() * scale, fq)
+
+
+# ------------------------------------------------------------------ convolutions
+
+
+@pytest.mark.parametrize(
+    "k,stride,pad,dil", [(3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 2, 2), (1, 2, 0, 1), (3, 1, "same", 1), (2, 1, 0, 1)]
+)
+def test_conv_via_gemm_matches_conv2d(k, stride, pad, dil):
+    x = torch.randn(2, 8, 9, 7)
+    w = torch.randn(12, 8, k, k)
+    b = torch.randn(12)
+    rows = conv_weight_rows(w)
+    y = K.conv2d_via_gemm(x, lambda a: a @ rows.t() + b, kernel_size=k, stride=stride, padding=pad, dilation=dil)
+    want = F.conv2d(x, w, b, stride, pad, dil)
+    assert y.shape == want.shape
+    assert float((y - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_conv_w4a16_triton_matches_dequantized_conv():
+    torch.manual_seed(1)
+    x = torch.randn(1, 32, 5, 6)
+    w = torch.randn(16, 32, 3, 3)
+    q = quantize(conv_weight_rows(w), QuantSpec("int4", "group", 32, "fp16"))
+    y = K.conv2d_via_gemm(
+        x, lambda a: K.w4a16_linear(a, pack_int4(q.codes), q.scale_stored, 32, backend="triton"),
+        kernel_size=3, padding=1,
+    )  # fmt: skip
+    wd = dequantize(q).reshape(16, 3, 3, 32).permute(0, 3, 1, 2)
+    want = F.conv2d(x, wd, None, 1, 1)
+    assert float((y - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_expand_channel_vector_matches_im2col_columns():
+    x = torch.rand(1, 3, 4, 4) + 1
+    s = torch.tensor([1.0, 2.0, 4.0])
+    a = conv.im2col_nhwc(x, 3, padding=1) / conv.expand_channel_vector(s, 3)
+    bexp = conv.im2col_nhwc(x / s.view(1, 3, 1, 1), 3, padding=1)
+    assert torch.equal(a, bexp)
+
+
+# ------------------------------------------------------------------ module wiring
+
+
+def _module(kind: str, *, rank: int = 0, conv_k: int | None = None, static: bool = False):
+    torch.manual_seed(2)
+    cin, n = 64, 32
+    k = cin * (conv_k or 1) ** 2
+    w = torch.randn(n, k)
+    wspec = {
+        "w4a16": QuantSpec("int4", "group", 32, "fp16"),
+        "w8a8": QuantSpec("int8", "channel"),
+        "w4a8": QuantSpec("int4", "group", 32, "fp16"),
+        "w4a4": QuantSpec("int4", "group", 32, "fp16"),
+        "fp8": QuantSpec("fp8_e4m3", "channel"),
+    }[kind]
+    aspec = {
+        "w4a16": None,
+        "w8a8": QuantSpec("int8", "tensor" if static else "token"),
+        "w4a8": QuantSpec("int8", "token"),
+        "w4a4": QuantSpec("int4", "group", 32),
+        "fp8": QuantSpec("fp8_e4m3", "token"),
+    }[kind]
+    act = None
+    if aspec is not None:
+        act = ActQuantizer(aspec, amax=torch.tensor([[2.5]]) if static else None)
+    common = {"bias": torch.randn(n), "act": act, "smooth": torch.rand(cin if conv_k else k) + 0.5}
+    if rank:
+        common.update(lr_down=torch.randn(k, rank) * 0.1, lr_up=torch.randn(rank, n) * 0.1)
+    q = quantize(w, wspec)
+    if conv_k:
+        return QuantConv2d(q, in_channels=cin, kernel_size=(conv_k, conv_k), stride=(1, 1), padding=(conv_k // 2,) * 2,
+                           dilation=(1, 1), **common)  # fmt: skip
+    return QuantLinear(q, **common)
+
+
+@pytest.mark.parametrize(
+    "kind,rank,static",
+    [("w4a16", 0, False), ("w4a16", 4, False), ("w8a8", 0, False), ("w8a8", 0, True), ("w4a8", 0, False),
+     ("w4a4", 8, False), ("fp8", 0, False)],
+)  # fmt: skip
+def test_fused_linear_matches_module_reference(kind, rank, static):
+    m = _module(kind, rank=rank, static=static)
+    assert modules.kernel_kind(m) == kind
+    x = torch.randn(2, 11, 64)
+    want = m(x)  # CPU: torch reference path (the kernel slot stays empty)
+    assert m.kernel is None and modules.module_kernel(m, x) is None
+    fn = modules.fused_forward(m, backend="triton")
+    assert fn is not None
+    got = fn(m, x)
+    # same quantization, int vs dequantized-fp32 sums: equal up to fp32 summation order
+    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+    m.kernel = fn  # the module slot dispatches to it
+    assert torch.equal(m(x), got)
+
+
+@pytest.mark.parametrize("kind,k", [("w4a4", 3), ("w8a8", 1), ("w4a16", 3)])
+def test_fused_conv_matches_module_reference(kind, k):
+    m = _module(kind, conv_k=k, rank=4 if kind == "w4a4" else 0)
+    x = torch.randn(1, 64, 5, 4)
+    want = m(x)
+    fn = modules.fused_forward(m, backend="triton")
+    got = fn(m, x)
+    assert got.shape == want.shape
+    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
+def test_unfusable_formats_keep_the_reference_path():
+    # 3x3 conv with per-token activations: im2col would change the scale granularity
+    assert modules.kernel_kind(_module("w8a8", conv_k=3)) is None
+    m = _module("w8a8")
+    m.act.keep_first_token = True
+    assert modules.kernel_kind(m) is None
+    q = QuantLinear(quantize(torch.randn(8, 64), QuantSpec("uint4", "group", 32)))
+    assert modules.kernel_kind(q) is None
+    # auto backend on a CPU module: nothing to fuse
+    assert modules.fused_forward(_module("w8a8")) is None
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_bad_shapes_raise_shape_error():
+    _, qw, ws = _int4_weight(16, 64, 32)
+    x = torch.randn(4, 64)
+    with pytest.raises(ShapeError, match="K//2"):
+        K.w4a16_linear(torch.randn(4, 32), qw, ws, 32)
+    with pytest.raises(ShapeError, match="not divisible"):
+        K.w4a16_linear(x, qw, ws, 48)
+    with pytest.raises(ShapeError, match="even"):
+        K.w4a8_linear(x, qw, ws, 1)
+    with pytest.raises(ShapeError, match="wscale"):
+        K.w4a8_linear(x, qw, ws[:, :1], 32)
+    with pytest.raises(ShapeError, match="float16/bfloat16/float32"):
+        K.w8a8_linear(x.to(torch.int32), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 1))
+    with pytest.raises(ShapeError, match="qweight"):
+        K.w8a8_linear(x, torch.zeros(8, 63, dtype=torch.int8), torch.ones(8, 1))
+    with pytest.raises(ShapeError, match="bias"):
+        K.fp8_linear(x, torch.zeros(8, 64, dtype=torch.float8_e4m3fn), torch.ones(8, 1), torch.ones(7))
+    with pytest.raises(ShapeError):
+        K.w4a4_linear(x, qw, ws, 32, lr_up=torch.ones(4, 16))
+    with pytest.raises(ShapeError, match="act_scale"):
+        K.w8a8_linear(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 1), act_scale=torch.ones(3))
+    with pytest.raises(ShapeError, match="smooth"):
+        K.w8a8_linear(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 1), smooth=torch.ones(63))
+    with pytest.raises(ShapeError, match="B, Cin, H, W"):
+        K.conv2d_via_gemm(torch.randn(3, 4, 5), lambda a: a, kernel_size=1)
+    with pytest.raises(ShapeError, match="smaller than"):
+        K.im2col_nhwc(torch.randn(1, 2, 2, 2), 3)
+    # the Triton w4a4 tiling needs a power-of-two group that BLOCK_K divides
+    _, qw48, ws48 = _int4_weight(16, 96, 48)
+    with pytest.raises(ShapeError, match="group_size"):
+        K.w4a4_linear(torch.randn(2, 96), qw48, ws48, 48, backend="triton")
+
+
+def test_unknown_backend_is_a_diffq_error():
+    with pytest.raises(DiffqError, match="unknown backend"):
+        K.w8a8_linear(torch.randn(2, 8), torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 1), backend="cublas")
+
+
+# ------------------------------------------------------------------ tile tables
+
+SMEM = {"hopper": 227 * 1024, "ada": 99 * 1024, "ampere": 99 * 1024}  # sm_86/89 limit; A100 has 163 KB
+BYTES = {"w4a16": (2, 0.5), "w8a8": (1, 1), "fp8": (1, 1), "w4a8": (1, 0.5), "w4a4": (0.5, 0.5)}
+
+
+@pytest.mark.parametrize("family", ["ampere", "ada", "hopper"])
+def test_tiles_fit_shared_memory_and_groups(family):
+    for kind, table in autotune._TABLES.items():
+        for t in table[family]:
+            a, b = BYTES[kind]
+            smem = (t.block_m * t.block_k * a + t.block_n * t.block_k * b) * t.num_stages
+            assert smem <= SMEM[family], (kind, t)
+        for m, n, k in [(1, 3072, 3072), (77, 1280, 2048), (4096, 12288, 3072), (8192, 320, 320)]:
+            tiles = autotune.candidate_tiles(kind, family, m, n, k, 64 if kind in autotune.GROUPED_KINDS else None)
+            assert tiles
+            for t in tiles:
+                if kind in autotune.GROUPED_KINDS:
+                    assert 64 % t.block_k == 0
+                if m >= 512:
+                    assert t.block_m >= 64
+                assert t.block_m <= max(16, 1 << (m - 1).bit_length())
+
+
+# ------------------------------------------------------------------ CUDA (skipped without a GPU)
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("kind", ["w4a16", "w8a8", "w4a8", "w4a4", "fp8"])
+def test_cuda_kernels_match_reference(kind):
+    if K.triton_unavailable_reason(kind, "cuda", 64) is not None:
+        pytest.skip(K.triton_unavailable_reason(kind, "cuda", 64))
+    dev, dt = "cuda", torch.bfloat16
+    m, k, n = 300, 1024, 768
+    x = torch.randn(m, k, device=dev, dtype=dt)
+    _, qw, ws = _int4_weight(n, k, 64)
+    qw, ws = qw.to(dev), ws.to(dev)
+    w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev)
+    ws8 = torch.rand(n, 1, device=dev) * 0.01
+    f8 = (torch.randn(n, k, device=dev) * 60).clamp(-448, 448).to(torch.float8_e4m3fn)
+    lr = {"lr_down": torch.randn(k, 32, device=dev, dtype=dt) * 0.05, "lr_up": torch.randn(32, n, device=dev, dtype=dt) * 0.05}
+    call = {
+        "w4a16": lambda be: K.w4a16_linear(x, qw, ws, 64, backend=be),
+        "w8a8": lambda be: K.w8a8_linear(x, w8, ws8, backend=be),
+        "w4a8": lambda be: K.w4a8_linear(x, qw, ws, 64, backend=be),
+        "w4a4": lambda be: K.w4a4_linear(x, qw, ws, 64, backend=be, **lr),
+        "fp8": lambda be: K.fp8_linear(x, f8, ws8, backend=be),
+    }[kind]
+    got, want = call("triton").float(), call("reference").float()
+    # bf16 MMA inputs (w4a16 weights, the low-rank branch) round: 1% of max|y| on GPU
+    assert float((got - want).abs().max()) <= 1e-2 * float(want.abs().max())
+
+
+@cuda
+@needs_gpu
+def test_cuda_module_dispatches_to_kernel():
+    m = _module("w8a8").to("cuda")
+    x = torch.randn(4, 64, device="cuda")
+    if K.triton_unavailable_reason("w8a8", "cuda") is not None:
+        pytest.skip("GPU without int8 MMA")
+    assert modules.module_kernel(m, x) is not None
+    want = modules.fused_forward(m, backend="reference")(m, x)
+    assert float((m(x) - want).abs().max()) <= 1e-4 * float(want.abs().max())
