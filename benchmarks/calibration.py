@@ -16,8 +16,10 @@ import json
 import time
 
 import psutil
+import resource
 import torch
 
+from diffq.io import write_json_atomic
 from diffq.calibration import calibrate, grouping_mse, step_groups
 from diffq.models import load_model
 from diffq.prompts import prompt_list
@@ -28,11 +30,10 @@ def run(model: str, n_prompts: int, steps: int, threshold: float) -> dict:
     prompts = prompt_list("digits", n_prompts)
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
-    peak = [rss0]
     t0 = time.perf_counter()
     stats = calibrate(pipe, prompts, num_inference_steps=steps, batch_size=8, progress=False)
     wall = time.perf_counter() - t0
-    peak.append(proc.memory_info().rss)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     stats_bytes = sum(t.numel() * t.element_size() for st in stats.layers.values()
                       for t in st.to_tensors("x").values())
     drift = []
@@ -50,7 +51,7 @@ def run(model: str, n_prompts: int, steps: int, threshold: float) -> dict:
     return {
         "model": model, "prompts": n_prompts, "steps": steps, "layers": len(stats.layers),
         "calibration_s": wall, "stats_MiB": stats_bytes / 2**20,
-        "rss_growth_MiB": (max(peak) - rss0) / 2**20,
+        "peak_extra_MiB": max(peak_rss - rss0, 0) / 2**20,
         "top_drift": [{"layer": n, "max_over_min": r} for r, n in drift[:10]],
         "mse": mse, "mean_groups": sum(n_groups) / len(n_groups), "threshold": threshold,
     }
@@ -71,7 +72,7 @@ def main() -> None:
         results.append(r)
         print(f"\n## {model}: {r['prompts']} prompts x {r['steps']} steps, {r['layers']} layers")
         print(f"calibration {r['calibration_s']:.1f} s, statistics {r['stats_MiB']:.1f} MiB, "
-              f"process RSS growth {r['rss_growth_MiB']:.0f} MiB, mean timestep groups {r['mean_groups']:.1f}")
+              f"peak extra memory {r['peak_extra_MiB']:.0f} MiB, mean timestep groups {r['mean_groups']:.1f}")
         print("| layer | max/min range across steps |\n|---|---|")
         for d in r["top_drift"]:
             print(f"| {d['layer']} | {d['max_over_min']:.2f} |")
@@ -79,8 +80,7 @@ def main() -> None:
         for bits, m in r["mse"].items():
             print(f"| {bits} | {m['static']:.3e} | {m['grouped']:.3e} | {m['grouped'] / m['static']:.3f} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json_atomic(args.json, results)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ _LAZY = {
     "get_preset": ("diffq.presets", "get_preset"),
     "PRESETS": ("diffq.presets", "PRESETS"),
     "QuantSpec": ("diffq.formats", "QuantSpec"),
-    "generate": ("diffq.generate", "generate"),
+    "generate": ("diffq.generation", "generate"),
     "sensitivity": ("diffq.sensitivity", "sensitivity"),
     "allocate": ("diffq.allocation", "allocate"),
     "BitPlan": ("diffq.allocation", "BitPlan"),

@@ -17,7 +17,7 @@ from diffq.calibration import CalibrationStats, calibrate
 from diffq.errors import CalibrationError, RecipeError
 from diffq.fingerprint import weights_fingerprint
 from diffq.formats import QuantSpec
-from diffq.generate import progress_enabled
+from diffq.generation import progress_enabled
 from diffq.layers import in_out, structure_fingerprint
 from diffq.modules import ActQuantizer, QuantConv2d, QuantLinear, attach_tracker
 from diffq.pipelines.adapters import adapter_for
@@ -35,12 +35,21 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def module_bytes(m: nn.Module) -> int:
+def module_bytes(m: nn.Module, *, float_bits: int | None = None) -> int:
+    """Bytes of a module's parameters and buffers (each tensor once).
+
+    float_bits=None counts what is held. float_bits=16 gives the size of a 16-bit deployment:
+    floating tensors wider than 16 bits (an fp32 demo model, fp32 low-rank factors) count at 16
+    bits, so size ratios compare against bf16 whatever dtype the model was loaded in.
+    """
     seen, total = set(), 0
     for t in list(m.parameters()) + [b for b in m.buffers() if b is not None]:
         if id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
+            size = t.element_size()
+            if float_bits is not None and t.is_floating_point():
+                size = min(size, float_bits // 8)
+            total += t.numel() * size
     return total
 
 
@@ -135,7 +144,7 @@ def quantize(
     if calibration is not None:
         calibration.check_matches(structure_fingerprint(denoiser), adapter.name)
     base_fp = weights_fingerprint(denoiser)
-    bytes_before = module_bytes(denoiser)
+    bytes_before = module_bytes(denoiser, float_bits=16)
     tracker = attach_tracker(denoiser, adapter.timestep_of)
     choices = choose_layers(denoiser, recipe, layer_plan)
     if recipe.act_static:
@@ -149,8 +158,11 @@ def quantize(
     denoiser._diffq_recipe = recipe
     denoiser._diffq_base_fingerprint = base_fp
     denoiser._diffq_plan = layer_plan
-    summary = QuantSummary(recipe.name, adapter.name, rows, bytes_before, module_bytes(denoiser))
+    summary = QuantSummary(recipe.name, adapter.name, rows, bytes_before, module_bytes(denoiser, float_bits=16))
     denoiser._diffq_summary = summary
+    from diffq.numerics import maybe_check_finite
+
+    maybe_check_finite(pipe)  # DIFFQ_CHECK_FINITE=1: name the layer and step of the first NaN/Inf
     return summary
 
 

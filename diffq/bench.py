@@ -24,7 +24,7 @@ import torch
 from diffq.api import module_bytes, quantize
 from diffq.calibration import calibrate
 from diffq.errors import DiffqError, MissingWeightsError
-from diffq.generate import generate, progress_enabled
+from diffq.generation import generate, progress_enabled
 from diffq.io import write_json_atomic
 from diffq.models import load_model
 from diffq.pipelines.adapters import adapter_for
@@ -95,8 +95,8 @@ class BenchResult:
                 "CLIP score": _fmt(r.clip_score, 2),
                 "digit accuracy": _fmt(r.accuracy, 3),
                 "FID": _fmt(r.fid, 2),
-                "denoiser MiB": f"{r.denoiser_bytes / 2**20:.3f}",
-                "size ratio": f"{r.size_ratio:.2f}x",
+                "denoiser MiB (16-bit floats)": f"{r.denoiser_bytes / 2**20:.3f}",
+                "size vs bf16": f"{r.size_ratio:.2f}x",
                 "latency s (median ± spread)": "-" if r.latency_s is None
                 else f"{r.latency_s:.3f} ± {r.latency_spread_s / 2:.3f}",
                 "ms/step": _fmt(r.step_ms, 1),
@@ -199,7 +199,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         stats = calibrate(pipe, calib, num_inference_steps=cfg.calib_steps or steps,
                           guidance_scale=cfg.guidance, seed=10_000, progress=cfg.progress)
     rows, images_by_recipe = [], {}
-    dense_bytes = module_bytes(adapter_for(pipe).denoiser(pipe))
+    dense_bytes = module_bytes(adapter_for(pipe).denoiser(pipe), float_bits=16)
     for name in cfg.recipes:
         import time
 
@@ -210,7 +210,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
             quantize(p, name, calibration=stats, progress=False)
             res.quantize_s = time.perf_counter() - t0
         den = adapter_for(p).denoiser(p)
-        res.denoiser_bytes = module_bytes(den)
+        res.denoiser_bytes = module_bytes(den, float_bits=16)
         res.size_ratio = dense_bytes / max(res.denoiser_bytes, 1)
         imgs = ref if name in REFERENCE else generate(p, prompts, seeds, progress=cfg.progress,
                                                       desc=f"generate {name}", **gen_kw)
@@ -288,7 +288,7 @@ def evaluate_checkpoint(model: str, checkpoint: str, *, prompts: str = "digits",
         if judge.available:
             r.clip_score = float(judge.clip_score(im, ps).mean())
             r.accuracy = judge.accuracy(im, ps)
-        r.denoiser_bytes = module_bytes(adapter_for(pipe).denoiser(pipe))
+        r.denoiser_bytes = module_bytes(adapter_for(pipe).denoiser(pipe), float_bits=16)
         rows.append(r)
     rows[1].size_ratio = rows[0].denoiser_bytes / max(rows[1].denoiser_bytes, 1)
     result = BenchResult(model, {"checkpoint": checkpoint, "steps": steps}, rows, out=out)

@@ -20,7 +20,12 @@ class _Parser(argparse.ArgumentParser):
     """Misuse prints one line that names the fix (the usage is one ``--help`` away), exit code 2."""
 
     def error(self, message: str):
-        self.exit(2, f"diffq: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"diffq: error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
+def one_line(message: str) -> str:
+    """Errors print on one line even when they quote user input or a parser message with line breaks."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -99,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/eval")
     _add_common(p)
 
+    p = sub.add_parser(
+        "generate",
+        help="generate a prompt set into a resumable image cache (data-parallel under `accelerate launch`)",
+        epilog="Scale out: accelerate launch --multi_gpu --num_processes 4 -m diffq.cli generate --model M ...",
+    )
+    from diffq.eval.generate_sharded import add_arguments as _add_generate_args
+
+    _add_generate_args(p)
+    _add_common(p)
+
     p = sub.add_parser("bench", help="compare recipes side by side: images, metrics, latency, memory, report")
     _add_model(p)
     p.add_argument("--recipes", default="fp16,w8a8,w4a8,w4a4,w4a4-svd", help="comma-separated; fp16 = reference")
@@ -145,8 +160,8 @@ def cmd_calibrate(args) -> int:
     from diffq.models import load_model
     from diffq.prompts import prompt_list
 
+    prompts = prompt_list(args.prompts, args.num_prompts)  # bad prompt arguments fail before the model loads
     pipe = load_model(args.model)
-    prompts = prompt_list(args.prompts, args.num_prompts)
     stats = calibrate(
         pipe, prompts, num_inference_steps=args.steps or 20, guidance_scale=args.guidance, seed=args.seed,
         images_per_prompt=args.images_per_prompt, record_steps=args.record_steps, progress=not args.quiet,
@@ -252,7 +267,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from diffq.eval.generate_sharded import config_from_args, run
+
+    report = run(config_from_args(args))
+    if report.rank == 0:
+        human = (f"process {report.rank}/{report.world_size}: {report.generated} images generated, "
+                 f"{report.cached} already cached, {report.seconds:.1f} s; cache: {args.cache}")
+        _emit(args, human, report.to_dict())
+    return 0
+
+
 COMMANDS = {
+    "generate": cmd_generate,
     "presets": cmd_presets,
     "calibrate": cmd_calibrate,
     "quantize": cmd_quantize,
@@ -278,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     except DiffqError as e:
         if args.debug:
             raise
-        print(f"diffq: error: {e}", file=sys.stderr)
+        print(f"diffq: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("diffq: interrupted; finished work is kept (re-run to resume)", file=sys.stderr)

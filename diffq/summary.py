@@ -20,9 +20,10 @@ class LayerSummary:
 
 @dataclass
 class QuantSummary:
-    """What ``diffq.quantize`` did. Byte counts: dense layers at their own dtype, quantized layers
-    at what their module holds; ``size_ratio`` = dense denoiser bytes / quantized denoiser bytes
-    over *all* parameters and buffers of the denoiser (not only the quantized layers)."""
+    """What ``diffq.quantize`` did. Per-layer byte counts are what each module holds; the denoiser
+    totals are 16-bit deployment sizes (float tensors wider than 16 bits counted at 16 bits), so
+    ``size_ratio`` = bf16 denoiser bytes / quantized denoiser bytes, over *all* parameters and
+    buffers of the denoiser (not only the quantized layers)."""
 
     recipe: str
     family: str

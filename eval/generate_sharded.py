@@ -127,7 +127,7 @@ def checkpoint_recipe_id(checkpoint: str | None) -> str:
 def pipeline_generate_fn(pipe) -> GenerateFn:
     """A :data:`GenerateFn` over a diffusers pipeline: one pipeline call per batch of jobs (which
     :func:`generate_cached` groups so they share steps, guidance and size)."""
-    from diffq.generate import generate
+    from diffq.generation import generate
 
     def fn(batch: list[GenerationJob]):
         j = batch[0]

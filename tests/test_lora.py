@@ -8,7 +8,7 @@ from torch import nn
 import diffq
 from diffq.build import build_layer
 from diffq.calibration import calibrate
-from diffq.generate import generate
+from diffq.generation import generate
 from diffq.lora import load_lora, unload_lora
 from diffq.presets import get_preset
 from diffq.selection import LayerChoice

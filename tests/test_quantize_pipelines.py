@@ -10,7 +10,7 @@ import diffq
 from diffq.api import quantized_modules
 from diffq.calibration import CalibrationStats, calibrate, grouping_mse
 from diffq.errors import CalibrationError, CheckpointError, RecipeError, UnsupportedModelError
-from diffq.generate import generate
+from diffq.generation import generate
 from diffq.layers import quantizable_layers
 from diffq.pipelines.adapters import adapter_for
 from diffq.pipelines.testing import TINY_FAMILIES, tiny_pipeline

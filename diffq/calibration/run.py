@@ -16,7 +16,9 @@ from tqdm.auto import tqdm
 from diffq.calibration.container import CalibrationStats
 from diffq.calibration.stats import LayerStats
 from diffq.errors import CalibrationError
-from diffq.generate import generate, progress_enabled
+from diffq.fingerprint import weights_fingerprint
+from diffq.generation import generate, progress_enabled
+from diffq.io import remove_stale_temps
 from diffq.layers import quantizable_layers, structure_fingerprint
 from diffq.modules.timestep import attach_tracker
 from diffq.pipelines.adapters import adapter_for
@@ -65,8 +67,11 @@ def calibrate(
     prompts = list(prompts)
     if not prompts:
         raise CalibrationError("calibration needs at least one prompt; pass prompts=[...]")
-    if num_inference_steps < 1:
-        raise CalibrationError("num_inference_steps must be >= 1")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise CalibrationError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
+    for label, v in (("batch_size", batch_size), ("images_per_prompt", images_per_prompt)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise CalibrationError(f"{label}={v!r} must be an integer >= 1")
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
     layers = quantizable_layers(denoiser)
@@ -75,12 +80,21 @@ def calibrate(
     stats: dict[str, LayerStats] = {}
     step_buckets = [-1] * num_inference_steps
     all_prompts = [p for p in prompts for _ in range(images_per_prompt)]
-    run_id = _run_id(all_prompts, num_inference_steps, guidance_scale, seed, batch_size, record_steps, height, width)
+    # the base weights are part of the identity: stats of another fine-tune must never be mixed in
+    run_id = _run_id(all_prompts, num_inference_steps, guidance_scale, seed, batch_size, record_steps, height,
+                     width, weights_fingerprint(denoiser))
     done = 0
+    if checkpoint is not None:
+        remove_stale_temps(checkpoint)  # a killed run's half-written snapshot
     if checkpoint is not None and Path(checkpoint).is_file():
         prev = CalibrationStats.load(checkpoint)
-        if prev.meta.get("run_id") == run_id and prev.structure == structure_fingerprint(denoiser):
-            stats, step_buckets, done = prev.layers, prev.step_buckets, int(prev.meta.get("done", 0))
+        if prev.meta.get("run_id") != run_id or prev.structure != structure_fingerprint(denoiser):
+            # refuse rather than overwrite: that file may be hours of another run's work
+            raise CalibrationError(
+                f"checkpoint {str(checkpoint)!r} belongs to a different calibration run (other model, prompts or "
+                f"settings); pass another checkpoint path, or delete the file to start this run from scratch"
+            )
+        stats, step_buckets, done = prev.layers, prev.step_buckets, int(prev.meta.get("done", 0))
     state = {"calls_at_start": 0}
 
     def make_hook(name: str, module: nn.Module):

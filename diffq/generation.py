@@ -88,8 +88,24 @@ def generate(
     if len(seeds) != len(prompts):
         raise DiffqError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
     device = _device_of(pipe)
-    out = []
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress_enabled(progress), leave=False)
+    # one bar (ours, per image) instead of the pipeline's per-step bar for every batch
+    saved_bar_config = dict(getattr(pipe, "_progress_bar_config", {}) or {})
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    try:
+        out = _generate_batches(pipe, prompts, seeds, batch_size, device, bar, num_inference_steps,
+                                guidance_scale, height, width)
+    finally:
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe._progress_bar_config = saved_bar_config
+        bar.close()
+    return torch.cat(out)
+
+
+def _generate_batches(pipe, prompts, seeds, batch_size, device, bar, num_inference_steps, guidance_scale,
+                      height, width) -> list[torch.Tensor]:
+    out = []
     for i in range(0, len(prompts), batch_size):
         ps = prompts[i : i + batch_size]
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[i : i + batch_size]]
@@ -103,8 +119,7 @@ def generate(
         imgs = res.images if hasattr(res, "images") else res[0]
         out.append(to_tensor_images(imgs))
         bar.update(len(ps))
-    bar.close()
-    return torch.cat(out)
+    return out
 
 
 def to_tensor_images(imgs) -> torch.Tensor:
