@@ -25,7 +25,7 @@ _LAZY = {
     "PRESETS": ("diffq.presets", "PRESETS"),
     "QuantSpec": ("diffq.formats", "QuantSpec"),
     "generate": ("diffq.generation", "generate"),
-    "sensitivity": ("diffq.sensitivity", "sensitivity"),
+    "sensitivity": ("diffq.sensitivity_analysis", "sensitivity"),
     "allocate": ("diffq.allocation", "allocate"),
     "BitPlan": ("diffq.allocation", "BitPlan"),
 }

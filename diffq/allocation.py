@@ -10,7 +10,7 @@ hundreds of units:
                sum_{u,c} cost[u,c] x[u,c] <= budget
                x binary
 
-``s`` is :meth:`diffq.sensitivity.SensitivityTable.combined`; ``cost`` depends on ``budget_kind``:
+``s`` is :meth:`diffq.sensitivity_analysis.SensitivityTable.combined`; ``cost`` depends on ``budget_kind``:
 
 * ``avg_bits``: stored bits per weight over the table's layers, ``8 * bytes / weights`` (scales,
   zero points and biases included, so the number is what the checkpoint really holds);
@@ -30,7 +30,7 @@ import numpy as np
 
 from diffq.errors import CheckpointError, RecipeError
 from diffq.io import write_json_atomic
-from diffq.sensitivity import DENSE, SensitivityTable
+from diffq.sensitivity_analysis import DENSE, SensitivityTable
 
 BUDGET_KINDS = ("avg_bits", "bytes", "bitops")
 
@@ -69,8 +69,28 @@ class BitPlan:
             raise RecipeError(
                 f"bit plan assigns {v!r} to {k!r}; use 'fp16' or a preset from {[p for p in PRESETS if p != 'mixed']}"
             )
-        if self.budget_kind not in BUDGET_KINDS:
+        if not isinstance(self.budget_kind, str) or self.budget_kind not in BUDGET_KINDS:
             raise RecipeError(f"budget_kind={self.budget_kind!r}: use one of {list(BUDGET_KINDS)}")
+        self._check_optional_fields()
+
+    def _check_optional_fields(self) -> None:
+        """Hand-written or damaged plans fail here, with the field named, not later in summary()."""
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        for name in ("budget", "objective"):
+            v = getattr(self, name)
+            if v is not None and not number(v):
+                raise RecipeError(f"bit plan field {name}={v!r} must be a number or null")
+        kinds = {"realised": number, "units": lambda v: isinstance(v, str), "roles": lambda v: isinstance(v, str),
+                 "bits": number, "params": number}
+        for name, ok in kinds.items():
+            v = getattr(self, name)
+            if not isinstance(v, dict) or not all(ok(x) for x in v.values()):
+                raise RecipeError(f"bit plan field {name!r} must map names to "
+                                  f"{'strings' if name in ('units', 'roles') else 'numbers'}; drop it or fix it")
+        if not isinstance(self.meta, dict):
+            raise RecipeError("bit plan field 'meta' must be an object")
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:
@@ -97,8 +117,8 @@ class BitPlan:
         if not p.is_file():
             raise CheckpointError(f"no bit plan at {p}; make one with diffq.allocate(table, budget=...).save(path)")
         try:
-            return cls.from_dict(json.loads(p.read_text()))
-        except json.JSONDecodeError as e:
+            return cls.from_dict(json.loads(p.read_bytes()))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise CheckpointError(f"bit plan {p} is not valid JSON ({e}); re-create it with diffq.allocate") from e
 
     # ---------------------------------------------------------------- reading
@@ -125,7 +145,8 @@ class BitPlan:
         lines = []
         if self.budget is not None:
             got = self.realised.get(self.budget_kind)
-            lines.append(f"bit plan: budget {self.budget_kind} <= {self.budget:.6g}, realised {got:.6g}")
+            lines.append(f"bit plan: budget {self.budget_kind} <= {self.budget:.6g}, realised "
+                         f"{'unknown' if got is None else format(got, '.6g')}")
         lines.append(f"{len(self.assignments)} layers, mean nominal weight bits {mean:.2f}")
         lines.append(f"{'role':14} {'layers':>6} {'mean bits':>9}  formats")
         for r in sorted(counts, key=lambda r: -rb[r]):

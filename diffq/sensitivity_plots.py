@@ -1,4 +1,4 @@
-"""PNG plots of a sensitivity table and of a bit plan (matplotlib, Agg backend, atomic writes).
+"""PNG plots of a sensitivity table and of a bit plan (matplotlib figures outside pyplot, atomic writes).
 
 Why: a table of 100+ units x candidates is unreadable; a bar per unit shows at a glance which blocks
 are fragile, and whether the fragile-for-alignment ones differ from the fragile-for-quality ones.
@@ -9,16 +9,35 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffq.io import atomic_path
-from diffq.sensitivity import DENSE, SensitivityTable
+from diffq.sensitivity_analysis import DENSE, SensitivityTable
 
 
-def _plt():
-    import matplotlib
+class _FigureFactory:
+    """The three pyplot calls used here, on plain ``Figure`` objects: never touches the global
+    pyplot state or backend, so plotting inside a notebook keeps its inline figures working."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    @staticmethod
+    def subplots(*args, figsize=None, **kwargs):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-    return plt
+        fig = Figure(figsize=figsize)
+        FigureCanvasAgg(fig)
+        return fig, fig.subplots(*args, **kwargs)
+
+    @staticmethod
+    def get_cmap(name: str):
+        import matplotlib
+
+        return matplotlib.colormaps[name]
+
+    @staticmethod
+    def close(fig) -> None:
+        """Nothing to release: the figure is not registered with pyplot."""
+
+
+def _plt() -> _FigureFactory:
+    return _FigureFactory()
 
 
 def _short(name: str, width: int = 38) -> str:

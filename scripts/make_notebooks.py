@@ -419,7 +419,7 @@ from diffq.allocation import uniform_plan
 from diffq.eval import clip_score_digits, load_prompts, ssim
 from diffq.generation import generate
 from diffq.pipelines.demo import demo_pipeline, digits_clip
-from diffq.sensitivity import sensitivity
+from diffq.sensitivity_analysis import sensitivity
 from diffq.sensitivity_plots import plot_plan, plot_sensitivity
 
 SENS_PROMPTS, EVAL_PROMPTS, STEPS, GUIDANCE = 4, 8, 6, 3.0

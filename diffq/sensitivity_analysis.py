@@ -41,7 +41,7 @@ from diffq.build import build_layer
 from diffq.calibration import CalibrationStats
 from diffq.errors import CalibrationError, CheckpointError, RecipeError
 from diffq.fingerprint import weights_fingerprint
-from diffq.generate import generate, progress_enabled
+from diffq.generation import generate, progress_enabled
 from diffq.io import atomic_path, write_json_atomic
 from diffq.layers import quantizable_layers, structure_fingerprint
 from diffq.modules import attach_tracker

@@ -1,0 +1,170 @@
+"""Metric-decoupled sensitivity + integer-programming bit allocation on the demo models.
+
+    python benchmarks/mixed_precision.py [--models digits-sd,digits-dit] [--sens-prompts 20]
+        [--eval-images 100] [--steps 20] [--groups block_role|block|none] [--extra-budgets 6.0]
+
+Per model (digits-dit is skipped with a note when its assets are missing):
+1. ``diffq.sensitivity`` with candidates fp16 / w8a8 / w4a8 on ``--sens-prompts`` prompts (timed);
+2. the uniform ``w4a8`` recipe's stored bits per weight over the analysed layers (its skip rules
+   keep embeddings dense) is the budget B;
+3. ``diffq.allocate`` at B with the decoupled judges (cross-attention / conditioning layers judged by
+   alignment, the rest by quality) and with quality alone;
+4. fp, uniform w4a8, and both plans generate ``--eval-images`` images on *held-out* seeds (1000+i);
+   each is scored against the fp images: SSIM, PSNR, CLIP score (digits-clip), digit accuracy
+   (digits-clip zero-shot vs the prompt's digit) and
+   ``combined error = (1 - SSIM) + (CLIP_fp - CLIP) / CLIP_fp`` (lower is better).
+Prints a table and writes ``benchmarks/results/mixed_precision.json`` plus PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CANDIDATES = ("w8a8", "w4a8")
+
+
+def _pipe(model: str):
+    from diffq.pipelines.demo import demo_pipeline
+
+    return demo_pipeline(model)
+
+
+def evaluate(images: torch.Tensor, ref: torch.Tensor, prompts: list[str], clip, ref_scores: torch.Tensor) -> dict:
+    """Scores vs the fp images; ``clip_delta_se`` is the standard error of the paired per-image CLIP
+    change, the yardstick for whether two configs' CLIP scores really differ."""
+    from diffq.eval import clip_score_digits, psnr, ssim
+    from diffq.pipelines.demo import digit_class_from_prompt
+
+    per = clip_score_digits(clip, images, prompts)
+    cs, ref_clip = float(per.mean()), float(ref_scores.mean())
+    delta = per - ref_scores
+    target = torch.tensor([digit_class_from_prompt(p) for p in prompts])
+    acc = float((clip.classify(images) == target).float().mean())
+    s = float(ssim(images, ref).mean())
+    return {
+        "ssim": s, "psnr": float(psnr(images, ref).mean()), "clip_score": cs, "accuracy": acc,
+        "combined_error": (1 - s) + (ref_clip - cs) / ref_clip,
+        "clip_delta_se": float(delta.std() / len(delta) ** 0.5) if len(delta) > 1 else 0.0,
+    }
+
+
+def run_model(model: str, args, clip) -> dict:
+    from diffq.pipelines.adapters import adapter_for
+
+    from diffq import quantize
+    from diffq.allocation import allocate, uniform_plan
+    from diffq.generation import generate
+    from diffq.prompts import prompt_list
+    from diffq.sensitivity_analysis import sensitivity
+    from diffq.sensitivity_plots import plot_plan, plot_sensitivity
+
+    gen = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "batch_size": 50}
+    sens_prompts = prompt_list("digits", args.sens_prompts)
+    eval_prompts = prompt_list("digits", args.eval_images)
+    eval_seeds = [1000 + i for i in range(len(eval_prompts))]
+    groups = None if args.groups == "none" else args.groups
+
+    pipe = _pipe(model)
+    t0, c0 = time.perf_counter(), time.process_time()
+    table = sensitivity(
+        pipe, prompts=sens_prompts, candidates=CANDIDATES, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, groups=groups, scorer="digits",
+        cache_dir=RESULTS / "cache" / "sensitivity" / model, progress=not args.quiet,
+    )
+    sens_s, sens_cpu = time.perf_counter() - t0, time.process_time() - c0
+    table.save(RESULTS / f"mixed_precision_{model}_table.json")
+    plot_sensitivity(table, RESULTS / f"mixed_precision_{model}_sensitivity.png")
+
+    uni = uniform_plan(table, adapter_for(pipe).denoiser(pipe), "w4a8")
+    budgets = [uni.realised["avg_bits"], *args.extra_budgets]
+    plans = {"uniform w4a8": uni}
+    t1 = time.perf_counter()
+    for b in budgets:
+        tag = f"@{b:.3f}"
+        plans[f"mixed decoupled {tag}"] = allocate(table, budget=b)
+        plans[f"mixed quality-only {tag}"] = allocate(table, budget=b, judges={"*": ("quality",)})
+    alloc_s = (time.perf_counter() - t1) / (2 * len(budgets))
+    main = f"mixed decoupled @{budgets[0]:.3f}"
+    plans[main].save(RESULTS / f"mixed_precision_{model}_plan.json")
+    plot_plan(plans[main], table, RESULTS / f"mixed_precision_{model}_plan.png")
+
+    ref = generate(pipe, eval_prompts, eval_seeds, **gen)
+    from diffq.eval import clip_score_digits
+
+    ref_scores = clip_score_digits(clip, ref, eval_prompts)
+    rows = {"fp32": {**evaluate(ref, ref, eval_prompts, clip, ref_scores), "avg_bits": 32.0, "nominal_bits": 32.0}}
+    for name, plan in plans.items():
+        q = _pipe(model)
+        quantize(q, "mixed", plan=plan, progress=False)
+        imgs = generate(q, eval_prompts, eval_seeds, **gen)
+        rows[name] = {**evaluate(imgs, ref, eval_prompts, clip, ref_scores), "avg_bits": plan.realised["avg_bits"],
+                      "nominal_bits": plan.realised["nominal_bits"]}
+    return {
+        "model": model, "sensitivity_seconds": sens_s, "sensitivity_cpu_seconds": sens_cpu, "sensitivity_evaluations": table.meta["evaluations"],
+        "sensitivity_computed": table.meta["computed"], "units": len(table.units), "layers": len(table.layers),
+        "allocation_seconds": alloc_s, "budget_avg_bits": budgets[0], "budgets": budgets, "rows": rows,
+        "plan_summary": plans[main].summary(),
+        "plans": {k: {"units": v.units or v.assignments, "objective": v.objective} for k, v in plans.items()},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="digits-sd,digits-dit")
+    ap.add_argument("--sens-prompts", type=int, default=20)
+    ap.add_argument("--eval-images", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--groups", default="block_role", choices=["none", "block", "block_role"])
+    ap.add_argument("--extra-budgets", type=float, nargs="*", default=[6.0])
+    ap.add_argument("--json", default=str(RESULTS / "mixed_precision.json"))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 is fastest for these tiny models on a shared CPU)")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+
+    from diffq.pipelines.demo import digits_clip
+
+    from diffq.errors import MissingWeightsError
+    from diffq.io import write_json_atomic
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    clip = digits_clip()
+    out = {"command": "python benchmarks/mixed_precision.py " + " ".join(
+        f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(map(str, v))}"
+        for k, v in vars(args).items() if k not in ("json", "quiet")),
+        "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
+        "models": [], "skipped": {}}
+    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+        try:
+            t = time.perf_counter()
+            res = run_model(model, args, clip)
+            res["total_seconds"] = time.perf_counter() - t
+        except MissingWeightsError as e:
+            print(f"[skip] {model}: {e}")
+            out["skipped"][model] = str(e)
+            continue
+        out["models"].append(res)
+        print(f"\n== {model}: {res['layers']} layers in {res['units']} units, {res['sensitivity_evaluations']} "
+              f"generations, sensitivity {res['sensitivity_seconds']:.0f}s wall / "
+              f"{res['sensitivity_cpu_seconds']:.0f}s CPU ({res['sensitivity_computed']} computed), "
+              f"allocation {res['allocation_seconds'] * 1000:.0f} ms/plan, total {res['total_seconds']:.0f}s")
+        print(f"{'config':34} {'avg bits':>8} {'nominal':>7} {'SSIM':>6} {'PSNR':>6} {'CLIP':>6} {'acc':>6} {'comb.err':>8} {'CLIP-SE':>7}")
+        for name, r in res["rows"].items():
+            print(f"{name:34} {r['avg_bits']:8.3f} {r['nominal_bits']:7.2f} {r['ssim']:6.3f} {r['psnr']:6.2f} "
+                  f"{r['clip_score']:6.2f} {r['accuracy']:6.3f} {r['combined_error']:8.4f} "
+                  f"{r['clip_delta_se']:7.3f}")
+        print(res["plan_summary"])
+    write_json_atomic(args.json, out)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
