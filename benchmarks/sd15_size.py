@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 
 import torch
@@ -75,8 +74,9 @@ def main() -> None:
         print(rows[-1], flush=True)
         del pipe
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"n_params": n_params, "rows": rows}, f, indent=2)
+        from diffq.io import write_json_atomic
+
+        write_json_atomic(args.json, {"n_params": n_params, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -44,6 +44,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own ``manifest_sha256`` field.
+
+    Why: the manifest carries geometry (strides, padding, formats) that the tensors' checksum does not
+    cover; a flipped byte there could otherwise load silently and compute something else."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _scopes(pipe) -> dict[str, nn.Module]:
     adapter = adapter_for(pipe)
     out = {"denoiser": adapter.denoiser(pipe)}
@@ -114,6 +123,7 @@ def save(pipe, directory: str | Path) -> Path:
         "tensors_bytes": tpath.stat().st_size,
         "layers": layers,
     }
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     write_json_atomic(directory / MANIFEST_FILE, manifest)
     return directory
 
@@ -124,8 +134,8 @@ def read_manifest(directory: str | Path) -> dict:
     if not mpath.is_file():
         raise CheckpointError(f"{str(directory)!r} has no {MANIFEST_FILE}; it is not a diffq checkpoint")
     try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        manifest = json.loads(mpath.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{mpath} is corrupted (not JSON: {e}); re-save the checkpoint") from e
     if not isinstance(manifest, dict) or manifest.get("format") != "diffq":
         raise CheckpointError(f"{mpath} is not a diffq manifest")
@@ -134,9 +144,15 @@ def read_manifest(directory: str | Path) -> dict:
             f"{mpath} has format version {manifest.get('version')}, this diffq reads {FORMAT_VERSION}; "
             f"upgrade diffq or re-save"
         )
-    for k in ("layers", "tensors_sha256", "base_fingerprint", "recipe", "family"):
+    for k in ("layers", "tensors_sha256", "base_fingerprint", "recipe", "family", "manifest_sha256"):
         if k not in manifest:
             raise CheckpointError(f"{mpath} misses field {k!r}; it is truncated or hand-edited")
+    if manifest_digest(manifest) != manifest["manifest_sha256"]:
+        raise CheckpointError(
+            f"{mpath} does not match its own checksum: it is corrupted or was edited by hand; re-save the checkpoint"
+        )
+    if not isinstance(manifest["layers"], dict) or not all(isinstance(v, dict) for v in manifest["layers"].values()):
+        raise CheckpointError(f"{mpath}: 'layers' must map layer names to objects; re-save the checkpoint")
     return manifest
 
 
@@ -155,14 +171,19 @@ def load_tensors(directory: str | Path, manifest: dict) -> dict[str, torch.Tenso
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{tpath} cannot be read as safetensors ({e})") from e
     for key, info in manifest["layers"].items():
-        for bname, meta in info.get("tensors", {}).items():
+        metas = info.get("tensors")
+        if not isinstance(metas, dict):
+            raise CheckpointError(f"manifest entry of layer {key} has no 'tensors' object; the checkpoint is damaged")
+        for bname, meta in metas.items():
             t = tensors.get(f"{key}.{bname}")
             if t is None:
                 raise CheckpointError(f"checkpoint misses tensor {key}.{bname}")
+            if not isinstance(meta, dict) or "shape" not in meta or "dtype" not in meta:
+                raise CheckpointError(f"manifest entry of tensor {key}.{bname} lacks shape/dtype; it is damaged")
             if list(t.shape) != meta["shape"] or str(t.dtype).replace("torch.", "") != meta["dtype"]:
                 raise CheckpointError(
                     f"tensor {key}.{bname} is {tuple(t.shape)} {t.dtype}, the manifest says "
-                    f"{tuple(meta['shape'])} {meta['dtype']}; the checkpoint is inconsistent"
+                    f"{meta['shape']} {meta['dtype']}; the checkpoint is inconsistent: re-save it"
                 )
     return tensors
 
@@ -190,7 +211,9 @@ def _rebuild(info: dict, buf: dict[str, torch.Tensor]) -> QuantLinear | QuantCon
                 amax=buf.get("act.amax"), bucket_to_group=buf.get("act.bucket_to_group"),
                 keep_first_token=a.get("keep_first_token", False),
             )
-        dtype = getattr(torch, info["dtype"])
+        dtype = getattr(torch, str(info["dtype"]), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise CheckpointError(f"layer compute dtype {info['dtype']!r} is not a floating-point torch dtype")
         common = dict(bias=buf.get("bias"), act=act, lr_down=buf.get("lr_down"), lr_up=buf.get("lr_up"),
                       smooth=buf.get("smooth"), dtype=dtype)
         if info["kind"] == "conv":
@@ -199,10 +222,10 @@ def _rebuild(info: dict, buf: dict[str, torch.Tensor]) -> QuantLinear | QuantCon
                                padding=pad if isinstance(pad, str) else tuple(pad),
                                dilation=tuple(info["dilation"]), **common)
         return QuantLinear(q, **common)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
         if isinstance(e, DiffqError):
             raise
-        raise CheckpointError(f"checkpoint layer cannot be rebuilt: {e}") from e
+        raise CheckpointError(f"checkpoint layer cannot be rebuilt ({type(e).__name__}: {e}); re-save it") from e
 
 
 def load(directory: str | Path, base_pipe):
@@ -226,7 +249,13 @@ def load(directory: str | Path, base_pipe):
     for attr in TEXT_ENCODER_ATTRS:
         if getattr(base_pipe, attr, None) is not None:
             scopes[attr] = getattr(base_pipe, attr)
-    tracker = attach_tracker(denoiser, adapter.timestep_of)
+    try:
+        recipe = Recipe.from_dict(manifest["recipe"])
+    except DiffqError as e:
+        raise CheckpointError(f"the checkpoint's recipe is invalid ({e}); re-save it with this diffq") from e
+    # rebuild every layer before swapping any in: a damaged checkpoint never leaves the base pipeline
+    # half-quantized (and looking intact)
+    swaps = []
     for key, info in manifest["layers"].items():
         scope, _, name = key.partition("/")
         root = scopes.get(scope)
@@ -241,11 +270,16 @@ def load(directory: str | Path, base_pipe):
         ref = next(old.parameters(), None)
         if ref is not None:
             new = new.to(ref.device)
+        swaps.append((scope, root, name, new))
+    tracker = attach_tracker(denoiser, adapter.timestep_of)
+    for scope, root, name, new in swaps:
         if new.act is not None and scope == "denoiser":
             new.act.tracker = tracker
         set_submodule(root, name, new)
-    recipe = Recipe.from_dict(manifest["recipe"])
     denoiser._diffq_recipe = recipe
     denoiser._diffq_base_fingerprint = fp
     denoiser._diffq_plan = manifest.get("plan")
+    from diffq.numerics import maybe_check_finite
+
+    maybe_check_finite(base_pipe)  # DIFFQ_CHECK_FINITE=1: name the layer and step of the first NaN/Inf
     return base_pipe

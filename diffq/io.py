@@ -10,8 +10,8 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 @contextlib.contextmanager
@@ -30,6 +30,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_stale_temps(path: str | Path) -> int:
+    """Delete temp files that :func:`atomic_path` left next to ``path`` when its writer was killed
+    (SIGKILL skips the cleanup); returns how many. Call it only when no other writer of ``path`` runs."""
+    path = Path(path)
+    n = 0
+    if path.parent.is_dir():
+        for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

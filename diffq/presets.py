@@ -48,6 +48,8 @@ DESCRIPTIONS = {
 
 
 def get_preset(name: str) -> Recipe:
+    if not isinstance(name, str):
+        raise RecipeError(f"a preset name is a string such as 'w8a8', not {name!r}; presets: {', '.join(PRESETS)}")
     try:
         return PRESETS[name]
     except KeyError:

@@ -10,6 +10,8 @@ def prompt_list(source: str, n: int | None = None) -> list[str]:
     through the set when it is shorter than ``n``."""
     from diffq.eval import load_prompts
 
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise DiffqError(f"number of prompts must be an integer >= 1, got {n!r}")
     prompts = list(load_prompts(source))
     if not prompts:
         raise DiffqError(f"prompt source {source!r} holds no prompts")

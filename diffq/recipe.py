@@ -30,7 +30,12 @@ class Recipe:
         than ``group_threshold`` (relative).
     weight_clip / act_clip: ``minmax``, ``mse`` or ``percentile`` (with ``percentile``).
     smooth_alpha: SmoothQuant migration strength (None = no smoothing; needs calibration).
-    rank: SVD low-rank branch rank (0 = none); the effective rank is capped per layer.
+    rank: SVD low-rank branch rank (0 = none); the effective rank is capped per layer at a quarter of
+        its smaller side (:func:`diffq.methods.lowrank.effective_rank`), so a rank larger than a
+        layer is not an error.
+    Group sizes (``weight``/``act`` with granularity ``group``) that do not divide a layer's input
+        width are halved until they do (down to 8), else that layer uses one scale per row; see
+        :func:`diffq.selection.fit_group`.
     split_shortcut: separate activation scales for the [main, skip] halves of UNet up-block inputs.
     skip_roles / skip_patterns / include_patterns: which layers stay in 16 bits (roles from
         :mod:`diffq.pipelines.roles`; regexes on module names; includes win over skips).
@@ -164,7 +169,7 @@ class Recipe:
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise RecipeError(f"unknown recipe fields {sorted(unknown)}; valid fields: {sorted(names)}")
+            raise RecipeError(f"unknown recipe fields {sorted(unknown, key=str)}; valid fields: {sorted(names)}")
         kw = dict(d)
         try:
             for k in ("weight", "act"):
@@ -243,8 +248,10 @@ def load_recipe_files(paths: list[str | Path], base: Recipe | None = None) -> Re
         if not p.is_file():
             raise RecipeError(f"recipe file {str(p)!r} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"recipe file {str(p)!r} is not UTF-8 text ({e.reason}); save it as UTF-8") from e
+        except (yaml.YAMLError, RecursionError) as e:
             raise RecipeError(f"recipe file {str(p)!r} is not valid YAML/JSON: {e}") from e
         if not isinstance(data, dict):
             raise RecipeError(f"recipe file {str(p)!r} must hold a mapping of recipe fields")

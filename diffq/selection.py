@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
+from diffq.errors import RecipeError
 from diffq.formats import QuantSpec
 from diffq.layers import in_out, quantizable_layers
 from diffq.pipelines.roles import role_of
@@ -31,8 +32,12 @@ class LayerChoice:
 
 
 def fit_group(spec: QuantSpec | None, channels: int) -> QuantSpec | None:
-    """Halve the group size until it divides ``channels`` (down to 8); else fall back to one scale
-    per row (weights: per channel, activations: per token). Returns the spec actually used."""
+    """Halve the group size until it divides ``channels`` (down to ``MIN_GROUP`` = 8); ``None`` when
+    no such group exists, and the caller then uses one scale per row (weights: per channel,
+    activations: per token). This is the documented fallback for a recipe group size that does not
+    divide a layer's input width: the recipe applies to layers of many widths, so refusing would make
+    most group sizes unusable; ``QuantSummary`` shows the format each layer really got. (Calling
+    :func:`diffq.formats.quantize` directly with a group that does not divide raises FormatError.)"""
     if spec is None or spec.granularity != "group":
         return spec
     g = spec.group_size
@@ -57,8 +62,16 @@ def choose_layers(denoiser: nn.Module, recipe: Recipe, plan: dict[str, str] | No
 
     includes = [re.compile(p) for p in recipe.include_patterns]
     skips = [re.compile(p) for p in recipe.skip_patterns]
+    layers = quantizable_layers(denoiser)
+    if plan is not None:
+        foreign = [n for n in plan if n not in layers]
+        if foreign:
+            raise RecipeError(
+                f"the bit plan names {len(foreign)} layers this denoiser does not have (e.g. {foreign[:3]}); "
+                f"it was made for another model: re-run diffq.allocate on a sensitivity table of this pipeline"
+            )
     out = []
-    for name, mod in quantizable_layers(denoiser).items():
+    for name, mod in layers.items():
         role = role_of(name)
         ch = LayerChoice(name, role, mod)
         out.append(ch)

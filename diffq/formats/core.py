@@ -89,7 +89,8 @@ def _check_finite(x: torch.Tensor) -> None:
         n_inf = int(torch.isinf(x).sum())
         raise QuantizationError(
             f"cannot quantize a tensor with {n_nan} NaN and {n_inf} Inf values; "
-            f"find where they come from (diffq.calibrate names the layer and step)"
+            f"find where they come from (diffq.calibrate names the layer and step; at inference set "
+            f"DIFFQ_CHECK_FINITE=1 or use diffq.numerics.check_finite)"
         )
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from diffq.errors import ShapeError
+
 RANDOMIZED_ABOVE = 512
 
 
@@ -20,6 +22,11 @@ def effective_rank(rank: int, out_features: int, in_features: int) -> int:
 
 def lowrank_split(weight_rows: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight_rows [N, K] fp -> (L1 [K, r], L2 [r, N], R [N, K]) with ``W = (L1 · L2)ᵀ + R``."""
+    if not 0 < rank <= min(weight_rows.shape):
+        raise ShapeError(
+            f"low-rank split of a {tuple(weight_rows.shape)} weight needs 0 < rank <= {min(weight_rows.shape)}, "
+            f"got {rank}; recipes cap the rank per layer with effective_rank()"
+        )
     w = weight_rows.double()
     if min(w.shape) > RANDOMIZED_ABOVE and rank < min(w.shape) // 4:
         # big layers: randomized range finder (a few power iterations) gets the top-r subspace at a
