@@ -164,7 +164,6 @@ def _cpu_kernels(m: int, k: int, n: int):
 
 def _cuda_kernels(m: int, k: int, n: int):
     import diffq.kernels as K
-
     from diffq.formats import pack_int4
 
     dev, dt = "cuda", torch.bfloat16

@@ -55,11 +55,10 @@ def evaluate(images: torch.Tensor, ref: torch.Tensor, prompts: list[str], clip, 
 
 
 def run_model(model: str, args, clip) -> dict:
-    from diffq.pipelines.adapters import adapter_for
-
     from diffq import quantize
     from diffq.allocation import allocate, uniform_plan
     from diffq.generation import generate
+    from diffq.pipelines.adapters import adapter_for
     from diffq.prompts import prompt_list
     from diffq.sensitivity_analysis import sensitivity
     from diffq.sensitivity_plots import plot_plan, plot_sensitivity
@@ -129,10 +128,9 @@ def main() -> None:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
 
-    from diffq.pipelines.demo import digits_clip
-
     from diffq.errors import MissingWeightsError
     from diffq.io import write_json_atomic
+    from diffq.pipelines.demo import digits_clip
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

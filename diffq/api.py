@@ -6,7 +6,7 @@ The pipeline stays a normal diffusers pipeline: only Linear/Conv2d modules insid
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

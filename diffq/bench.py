@@ -49,6 +49,7 @@ class BenchConfig:
     repeats: int = 3
     fid_images: int = 0
     grid_rows: int = 8
+    batch_size: int = 25
     out: str = "runs/bench"
     progress: bool = True
     seed: int = 0
@@ -188,7 +189,8 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     base = prompt_list(cfg.prompts, cfg.num_prompts)
     prompts = [p for p in base for _ in range(cfg.images_per_prompt)]
     seeds = [cfg.seed + i for i in range(len(prompts))]
-    gen_kw = dict(num_inference_steps=steps, guidance_scale=cfg.guidance)
+    guidance = cfg.guidance if cfg.guidance is not None else _default_guidance(cfg.model)
+    gen_kw = dict(num_inference_steps=steps, guidance_scale=guidance, batch_size=cfg.batch_size)
     judge = Judge(cfg.model)
     notes = []
     ref = generate(pipe, prompts, seeds, progress=cfg.progress, desc="generate fp", **gen_kw)
@@ -197,7 +199,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     if any(r not in REFERENCE and get_preset(r).needs_calibration for r in cfg.recipes):
         calib = prompt_list(cfg.prompts, cfg.calib_prompts)
         stats = calibrate(pipe, calib, num_inference_steps=cfg.calib_steps or steps,
-                          guidance_scale=cfg.guidance, seed=10_000, progress=cfg.progress)
+                          guidance_scale=guidance, seed=10_000, progress=cfg.progress)
     rows, images_by_recipe = [], {}
     dense_bytes = module_bytes(adapter_for(pipe).denoiser(pipe), float_bits=16)
     for name in cfg.recipes:
@@ -235,9 +237,15 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     if not cuda:
         notes.append("Ran on CPU: quantized layers use the torch reference path (dequantize + dense op), "
                      "so latency shows no speed-up here; size ratios are what the formats buy.")
-    result = BenchResult(cfg.model, asdict(cfg) | {"steps": steps}, rows, notes, str(out))
+    result = BenchResult(cfg.model, asdict(cfg) | {"steps": steps, "guidance": guidance}, rows, notes, str(out))
     write_bench_outputs(result, images_by_recipe, prompts, out, cfg.grid_rows)
     return result
+
+
+def _default_guidance(model: str) -> float | None:
+    """The demo models were trained and measured at guidance 5 (scripts/eval_demo_models.py);
+    other models keep their pipeline's default."""
+    return 5.0 if model.startswith("digits-") else None
 
 
 def _default_steps(model: str) -> int:
@@ -300,4 +308,4 @@ def load_metrics(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-__all__ = ["BenchConfig", "BenchResult", "RecipeResult", "run_bench", "evaluate_checkpoint", "progress_enabled"]
+__all__ = ["BenchConfig", "BenchResult", "RecipeResult", "evaluate_checkpoint", "progress_enabled", "run_bench"]

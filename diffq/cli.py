@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="compare recipes side by side: images, metrics, latency, memory, report")
     _add_model(p)
-    p.add_argument("--recipes", default="fp16,w8a8,w4a8,w4a4,w4a4-svd", help="comma-separated; fp16 = reference")
+    p.add_argument("--recipes", default="fp,w8a8,w4a8,w4a4,w4a4-svd",
+                   help="comma-separated presets; fp = the model unquantized (reference)")
     p.add_argument("--prompts", default="digits")
     p.add_argument("--num-prompts", type=int, default=20)
     p.add_argument("--images-per-prompt", type=int, default=1)

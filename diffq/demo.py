@@ -13,8 +13,8 @@ from pathlib import Path
 from diffq.bench import BenchConfig, BenchResult, run_bench
 from diffq.io import write_text_atomic
 
-DEFAULT_RECIPES = ["fp16", "w8a8", "w8a8-static", "w4a8", "w4a16", "w4a4", "w4a4-svd", "fp8", "fp4"]
-QUICK_RECIPES = ["fp16", "w8a8", "w4a4", "w4a4-svd"]
+DEFAULT_RECIPES = ["fp", "w8a8", "w8a8-static", "w4a8", "w4a16", "w4a4", "w4a4-svd", "fp8", "fp4"]
+QUICK_RECIPES = ["fp", "w8a8", "w4a4", "w4a4-svd"]
 
 
 def run_demo(out: str | Path = "runs/demo", models: list[str] | None = None, recipes: list[str] | None = None,
@@ -40,7 +40,7 @@ def run_demo(out: str | Path = "runs/demo", models: list[str] | None = None, rec
 def write_demo_report(out: Path, results: list[BenchResult]) -> None:
     md = ["# diffq demo report", "",
           "Each model is quantized with every preset; images use the same prompts and seeds as full precision "
-          "(the `fp16` column). PSNR/SSIM compare with full precision; CLIP score and digit accuracy use the "
+          "(the `fp` column: the model as loaded, float32 on CPU). PSNR/SSIM compare with full precision; CLIP score and digit accuracy use the "
           "digits-clip judge.", ""]
     body = ["<h1>diffq demo report</h1>", f"<p>{html.escape(md[2])}</p>"]
     for res in results:

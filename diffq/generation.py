@@ -7,7 +7,7 @@ means the same initial noise for the FP and the quantized pipeline.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

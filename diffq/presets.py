@@ -56,7 +56,7 @@ def get_preset(name: str) -> Recipe:
         raise RecipeError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None
 
 
-def resolve_recipe(recipe: "Recipe | str | dict") -> Recipe:
+def resolve_recipe(recipe: Recipe | str | dict) -> Recipe:
     """Accept a Recipe, a preset name, or a dict of recipe fields (optionally with ``preset``)."""
     if isinstance(recipe, Recipe):
         return recipe

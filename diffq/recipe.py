@@ -163,7 +163,7 @@ class Recipe:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
         if not isinstance(d, dict):
             raise RecipeError(f"a recipe must be a mapping, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
@@ -189,7 +189,7 @@ class Recipe:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> "Recipe":
+    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> Recipe:
         """Apply ``{"rank": 16, "weight.group_size": 128}`` or ``["rank=16", ...]`` overrides."""
         if isinstance(overrides, list):
             parsed = {}

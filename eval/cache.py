@@ -57,9 +57,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffq.eval.features import EvalInputError, to_tensor_batch
 
 from diffq.errors import CheckpointError, ShapeError
+from diffq.eval.features import EvalInputError, to_tensor_batch
 
 PNG_META_KEY = "diffq-job"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

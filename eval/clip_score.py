@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from diffq.errors import DiffqError, MissingWeightsError
 from diffq.eval.features import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -42,8 +44,6 @@ from diffq.eval.features import (
     resize_and_normalize,
     to_tensor_batch,
 )
-
-from diffq.errors import DiffqError, MissingWeightsError
 
 
 def _projected(out: Any, projection: torch.nn.Module | None) -> torch.Tensor:

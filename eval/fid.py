@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from diffq.eval.features import EvalInputError, FeatureNetwork, to_tensor_batch
 
 

@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from diffq.errors import DiffqError
 from diffq.eval.cache import (
     GenerateFn,
     GenerationCache,
@@ -53,8 +54,6 @@ from diffq.eval.cache import (
     shard_jobs,
 )
 from diffq.eval.features import EvalInputError
-
-from diffq.errors import DiffqError
 from diffq.io import write_json_atomic
 
 FP_RECIPE = "fp"

@@ -21,9 +21,9 @@ import os
 from pathlib import Path
 
 import torch
-from diffq.eval.features import EvalInputError, to_tensor_batch, torch_hub_checkpoints_dir
 
 from diffq.errors import MissingWeightsError, ShapeError
+from diffq.eval.features import EvalInputError, to_tensor_batch, torch_hub_checkpoints_dir
 
 LPIPS_BACKBONES: dict[str, tuple[str, str]] = {
     # LPIPS net name -> (torchvision architecture, torchvision weights enum)

@@ -20,9 +20,9 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
-from diffq.eval.features import EvalInputError, to_tensor_batch
 
 from diffq.errors import ShapeError
+from diffq.eval.features import EvalInputError, to_tensor_batch
 from diffq.io import atomic_path, write_text_atomic
 
 MIN_CELL_PX = 64

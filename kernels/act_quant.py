@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from diffq.kernels.autotune import is_interpreted
 from diffq.kernels.tl_helpers import SCALE_MIN, e4m3_grid, pack_int4, round_half_even
 

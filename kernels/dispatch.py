@@ -18,9 +18,9 @@ import functools
 from collections.abc import Sequence
 
 import torch
-from diffq.kernels import reference as ref
 
 from diffq.errors import DiffqError, ShapeError
+from diffq.kernels import reference as ref
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: minimum CUDA capability per kernel kind (int8 / bf16 MMA: Ampere; FP8 MMA: Ada / Hopper)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from diffq.kernels.autotune import launch, m_bucket
 from diffq.kernels.tl_helpers import tile_ids, to_output
 

@@ -30,9 +30,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
+
 from diffq.kernels import dispatch as kd
 from diffq.kernels.conv import conv2d_via_gemm, expand_channel_vector
-from torch import nn
 
 FusedForward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 

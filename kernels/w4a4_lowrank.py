@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from diffq.kernels.autotune import is_interpreted, launch, m_bucket
 from diffq.kernels.tl_helpers import tile_ids, to_output, unpack_int4
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from diffq.errors import CheckpointError
 from diffq.eval import GenerationCache, GenerationJob, cache_key, generate_cached, shard_jobs
 from diffq.eval.cache import is_complete_png
 from diffq.eval.features import EvalInputError
 from diffq.eval.generate_sharded import generate_sharded, make_jobs
-
-from diffq.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,7 +207,6 @@ def _snapshot(cache: GenerationCache) -> dict[str, tuple[int, int, str]]:
 
 def test_sigkill_midway_then_resume_loses_and_recomputes_nothing(tmp_path):
     from diffq.eval.generate_sharded import checkpoint_recipe_id
-
     from diffq.prompts import prompt_list
 
     n = 24

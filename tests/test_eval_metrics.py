@@ -10,6 +10,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from diffq.errors import DiffqError, MissingWeightsError, ShapeError
 from diffq.eval import (
     ClipImageFeatures,
     ClipScorer,
@@ -28,9 +31,6 @@ from diffq.eval import (
     to_tensor_batch,
 )
 from diffq.eval.features import resize_and_normalize
-from PIL import Image
-
-from diffq.errors import DiffqError, MissingWeightsError, ShapeError
 
 # ------------------------------------------------------------------------------------ images
 

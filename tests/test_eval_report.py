@@ -10,11 +10,11 @@ from urllib.parse import unquote
 
 import pytest
 import torch
-from diffq.eval import image_grid, plot_quality_vs_size, save_png, write_report
-from diffq.eval.features import EvalInputError
 from PIL import Image
 
 from diffq.errors import ShapeError
+from diffq.eval import image_grid, plot_quality_vs_size, save_png, write_report
+from diffq.eval.features import EvalInputError
 
 
 def _solid(r: int, c: int, size: int = 32) -> torch.Tensor:

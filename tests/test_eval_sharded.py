@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from diffq.eval import GenerationCache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,6 @@ def _free_port() -> int:
 def test_accelerate_launch_two_cpu_processes_shard_disjoint_and_complete(tmp_path):
     pytest.importorskip("accelerate")
     from diffq.eval.generate_sharded import checkpoint_recipe_id, make_jobs
-
     from diffq.prompts import prompt_list
 
     n = 11  # odd: shards of 6 and 5

@@ -13,15 +13,15 @@ Tolerances (stated, and why):
 
 from __future__ import annotations
 
-import diffq.kernels as K
 import pytest
 import torch
 import torch.nn.functional as F
-from diffq.kernels import autotune, conv, modules
-from diffq.kernels import reference as ref
 
+import diffq.kernels as K
 from diffq.errors import DiffqError, ShapeError
 from diffq.formats import QuantSpec, dequantize, fake_quantize, pack_int4, quantize
+from diffq.kernels import autotune, conv, modules
+from diffq.kernels import reference as ref
 from diffq.modules import ActQuantizer, QuantConv2d, QuantLinear, conv_weight_rows
 
 cuda = pytest.mark.cuda

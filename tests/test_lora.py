@@ -10,9 +10,9 @@ from diffq.build import build_layer
 from diffq.calibration import calibrate
 from diffq.generation import generate
 from diffq.lora import load_lora, unload_lora
+from diffq.pipelines.testing import tiny_pipeline
 from diffq.presets import get_preset
 from diffq.selection import LayerChoice
-from diffq.pipelines.testing import tiny_pipeline
 
 
 class _Holder(nn.Module):

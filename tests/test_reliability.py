@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffq.pipelines.testing import tiny_pipeline
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +30,7 @@ from diffq.errors import (
     RecipeError,
     ShapeError,
 )
+from diffq.pipelines.testing import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("fault_campaign", ROOT / "scripts" / "fault_campaign.py")

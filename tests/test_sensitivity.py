@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffq.pipelines.testing import tiny_pipeline
 from torch import nn
 
 import diffq.sensitivity_analysis as sens_mod
@@ -13,6 +12,7 @@ from diffq.allocation import allocate, uniform_plan
 from diffq.errors import CalibrationError, CheckpointError, RecipeError
 from diffq.generation import generate
 from diffq.modules import QuantConv2d, QuantLinear
+from diffq.pipelines.testing import tiny_pipeline
 from diffq.sensitivity_analysis import DENSE, SensitivityTable, group_layers, sensitivity
 
 PROMPTS = ["a photo of a cat", "a red car"]

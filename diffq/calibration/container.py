@@ -59,7 +59,7 @@ class CalibrationStats:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "CalibrationStats":
+    def load(cls, path: str | Path) -> CalibrationStats:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"calibration file {str(path)!r} does not exist; run `diffq calibrate` first")

@@ -47,7 +47,7 @@ class LayerStats:
     FIELDS = ("absmax", "minv", "maxv", "total", "total_sq", "count", "hist")
 
     @classmethod
-    def empty(cls, steps: int, channels: int) -> "LayerStats":
+    def empty(cls, steps: int, channels: int) -> LayerStats:
         return cls(
             absmax=torch.zeros(steps, channels),
             minv=torch.full((steps,), float("inf")),
@@ -95,5 +95,5 @@ class LayerStats:
         return {f"{prefix}::{f}": getattr(self, f).contiguous() for f in self.FIELDS}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "LayerStats":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> LayerStats:
         return cls(**{f: tensors[f"{prefix}::{f}"] for f in cls.FIELDS})

@@ -244,7 +244,7 @@ def dequantize(q: QTensor, *, dtype: torch.dtype = torch.float32) -> torch.Tenso
 
 class _FakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, spec, amax, clip_ratio):  # noqa: D401
+    def forward(ctx, x, spec, amax, clip_ratio):
         q = quantize(x, spec, amax=amax, clip_ratio=clip_ratio)
         return dequantize(q, dtype=x.dtype)
 

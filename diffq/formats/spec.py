@@ -88,14 +88,14 @@ class QuantSpec:
         """4-bit codes are stored two per byte (see :mod:`diffq.formats.packing`)."""
         return self.bits == 4
 
-    def with_group(self, group_size: int) -> "QuantSpec":
+    def with_group(self, group_size: int) -> QuantSpec:
         return replace(self, granularity="group", group_size=group_size)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QuantSpec":
+    def from_dict(cls, d: dict) -> QuantSpec:
         unknown = set(d) - {"dtype", "granularity", "group_size", "scale_dtype"}
         if unknown:
             raise FormatError(f"unknown QuantSpec fields {sorted(unknown)}")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffq.errors import ShapeError
-from diffq.formats import QTensor, QuantSpec
+from diffq.formats import QTensor
 from diffq.modules.act_quant import ActQuantizer
 from diffq.modules.qweight import dequantize_weight, held_bytes, register_qweight
 

@@ -9,7 +9,7 @@ integer lookup, and any number of inference steps works with scales calibrated a
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
