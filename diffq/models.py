@@ -29,7 +29,7 @@ def load_model(name: str, *, dtype: torch.dtype | None = None, device: str | Non
 
         try:
             pipe = DiffusionPipeline.from_pretrained(
-                name, torch_dtype=dtype or torch.bfloat16,
+                name, dtype=dtype or torch.bfloat16,
                 local_files_only=os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.path.isdir(name),
             )
         except (OSError, ValueError) as e:
