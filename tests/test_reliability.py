@@ -452,3 +452,16 @@ def test_killed_calibrations_resume_with_nothing_lost(worker, tmp_path):
     assert counts["resumed_identical"] == 3
     assert counts["checkpoint_unloadable_after_kill"] == 0
     assert counts["temp_files_left"] == 0
+
+
+def test_atomic_writes_get_normal_file_permissions(tmp_path):
+    import os
+
+    from diffq.io import write_text_atomic
+
+    mask = os.umask(0o022)
+    try:
+        out = write_text_atomic(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(mask)
+    assert (os.stat(out).st_mode & 0o777) == 0o644
