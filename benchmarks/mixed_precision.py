@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--sens-prompts", type=int, default=20)
     ap.add_argument("--eval-images", type=int, default=100)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--groups", default="block_role", choices=["none", "block", "block_role"])
     ap.add_argument("--extra-budgets", type=float, nargs="*", default=[6.0])
     ap.add_argument("--json", default=str(RESULTS / "mixed_precision.json"))
