@@ -12,7 +12,8 @@ the table keeps them apart:
 
 Each metric is normalised over the layers on its own (divided by the mean over units of the unit's
 worst candidate), and a *judge map* says which layers each metric judges (by default cross-attention
-and conditioning layers by alignment, everything else by quality). Judging happens when the table
+and conditioning layers by quality *and* alignment, everything else by quality alone; a unit's
+score is the weighted sum of its judges' normalised metrics). Judging happens when the table
 is read (:meth:`SensitivityTable.combined`), so changing it needs no new measurements.
 
 Measuring one (unit, candidate) costs one generation of ``len(prompts)`` images: the unit's layers
@@ -54,13 +55,15 @@ DENSE = "fp16"
 METRICS = ("quality", "alignment")
 DEFAULT_CANDIDATES = ("w8a8", "w4a8", "w4a16")
 QUALITY_METRICS = ("ssim", "mse", "lpips")
-# Layers that read the text / class condition: judged by alignment. Keys are roles, ``re:`` regexes
+# Layers that read the text / class condition: judged by alignment as well. Keys are roles, ``re:`` regexes
 # on the unit's layer names, or ``*`` (everything else). The first matching regex wins, then the role.
+# They keep the quality metric too: an alignment-only judge would call a layer "cheap" whenever the
+# (noisier, coarser) alignment score misses damage that is plain to see in the images.
 DEFAULT_JUDGES: dict[str, tuple[str, ...]] = {
-    "cross_attn": ("alignment",),
-    "adanorm": ("alignment",),
+    "cross_attn": ("quality", "alignment"),
+    "adanorm": ("quality", "alignment"),
     r"re:(^|\.)(class_embedding|caption_projection|context_embedder|text_embedder|encoder_hid_proj"
-    r"|add_embedding)(\.|$)": ("alignment",),
+    r"|add_embedding)(\.|$)": ("quality", "alignment"),
     "*": ("quality",),
 }
 Scorer = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
@@ -148,14 +151,16 @@ class SensitivityTable:
     def combined(
         self, judges: dict[str, tuple[str, ...]] | None = None, weights: dict[str, float] | None = None
     ) -> dict[str, dict[str, float]]:
-        """unit -> candidate -> weighted mean of the normalised metrics that judge the unit."""
+        """unit -> candidate -> weighted *sum* of the normalised metrics that judge the unit.
+
+        A sum, not a mean: a conditioning layer judged by quality and alignment carries both kinds
+        of damage, rather than having its image damage diluted by a second metric."""
         weights = self.weights if weights is None else weights
         norm = {m: self.normalised(m) for m in self.metrics}
         out = {}
         for u in self.units:
             ms = self.judged_by(u, judges)
-            wsum = sum(weights.get(m, 1.0) for m in ms) or 1.0
-            out[u] = {c: sum(weights.get(m, 1.0) * norm[m][u][c] for m in ms) / wsum for c in self.available(u)}
+            out[u] = {c: sum(weights.get(m, 1.0) * norm[m][u][c] for m in ms) for c in self.available(u)}
         return out
 
     def with_judges(

@@ -53,7 +53,7 @@ def test_table_measures_every_unit_and_candidate(cached, pipe):
     assert table.candidates == [DENSE, "w8a8", "w4a8"]
     assert set(table.metrics) == {"quality", "alignment"}
     xa = [u for u in table.units if u.endswith(":cross_attn")]
-    assert xa and all(table.judged_by(u) == ("alignment",) for u in xa)
+    assert xa and all(table.judged_by(u) == ("quality", "alignment") for u in xa)
     assert table.judged_by("mid_block.resnets.0:resblock_conv") == ("quality",)
     for u in table.units:
         assert table.raw["quality"][u][DENSE] == 0.0
