@@ -163,7 +163,7 @@ def test_rank_larger_than_layer_is_capped_or_refused(sd):
 
 
 def test_calibration_from_another_pipeline_is_refused(sd):
-    stats = diffq.calibration.calibrate(sd, ["a"], num_inference_steps=2, progress=False)
+    stats = diffq.calibrate(sd, ["a"], num_inference_steps=2, progress=False)
     other = tiny_pipeline("sdxl")
     with pytest.raises(CalibrationError, match="different model.*re-run diffq.calibrate"):
         diffq.quantize(other, "w8a8-static", calibration=stats, progress=False)
@@ -171,12 +171,12 @@ def test_calibration_from_another_pipeline_is_refused(sd):
 
 def test_calibration_checkpoint_of_another_run_is_not_overwritten(sd, tmp_path):
     ck = tmp_path / "cal.safetensors"
-    diffq.calibration.calibrate(sd, ["a"], num_inference_steps=2, progress=False, checkpoint=ck)
+    diffq.calibrate(sd, ["a"], num_inference_steps=2, progress=False, checkpoint=ck)
     before = ck.read_bytes()
     with pytest.raises(CalibrationError, match="different calibration run.*another checkpoint path"):
-        diffq.calibration.calibrate(sd, ["b"], num_inference_steps=2, progress=False, checkpoint=ck)
+        diffq.calibrate(sd, ["b"], num_inference_steps=2, progress=False, checkpoint=ck)
     assert ck.read_bytes() == before
-    again = diffq.calibration.calibrate(sd, ["a"], num_inference_steps=2, progress=False, checkpoint=ck)
+    again = diffq.calibrate(sd, ["a"], num_inference_steps=2, progress=False, checkpoint=ck)
     assert again.meta["done"] == 1  # same run: resumed (nothing left to do)
 
 
@@ -194,7 +194,7 @@ def test_empty_prompt_lists(sd, call):
 
     with pytest.raises(DiffqError, match="prompt"):
         if call == "calibrate":
-            diffq.calibration.calibrate(sd, [], num_inference_steps=2)
+            diffq.calibrate(sd, [], num_inference_steps=2)
         elif call == "quantize":
             diffq.quantize(copy.deepcopy(sd), "w8a8-static", prompts=[], progress=False)
         elif call == "generate":

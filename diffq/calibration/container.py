@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from diffq.calibration.reservoir import InputReservoir
 from diffq.calibration.stats import HIST_BINS, LayerStats
 from diffq.errors import CalibrationError, CheckpointError
 from diffq.io import atomic_path
@@ -24,6 +25,8 @@ class CalibrationStats:
 
     step_buckets: [T] timestep of each step index on the 0..1000 scale (-1: never observed).
     splits: layers whose input is a [main, skip] channel concatenation -> widths.
+    reservoirs: layer -> capped sample of real input rows per step (only when calibrate was asked
+        for ``reservoir=N``; see :mod:`diffq.calibration.reservoir`).
     structure: fingerprint of the denoiser's quantizable layers (names and shapes), checked
         before the stats are used on a pipeline.
     """
@@ -35,6 +38,7 @@ class CalibrationStats:
     layers: dict[str, LayerStats]
     splits: dict[str, tuple[int, int]] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    reservoirs: dict[str, InputReservoir] = field(default_factory=dict)
 
     def observed_steps(self) -> list[int]:
         return [i for i, b in enumerate(self.step_buckets) if b >= 0]
@@ -44,6 +48,8 @@ class CalibrationStats:
         tensors: dict[str, torch.Tensor] = {}
         for name, st in self.layers.items():
             tensors.update(st.to_tensors(name))
+        for name, res in self.reservoirs.items():
+            tensors.update(res.to_tensors(name))
         header = {
             "version": FORMAT_VERSION,
             "family": self.family,
@@ -53,6 +59,7 @@ class CalibrationStats:
             "layers": list(self.layers),
             "splits": {k: list(v) for k, v in self.splits.items()},
             "meta": self.meta,
+            "reservoirs": list(self.reservoirs),
         }
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"diffq_calibration": json.dumps(header)})
@@ -77,6 +84,7 @@ class CalibrationStats:
             raise CheckpointError(f"calibration file version {header.get('version')} is not {FORMAT_VERSION}")
         try:
             layers = {n: LayerStats.from_tensors(tensors, n) for n in header["layers"]}
+            reservoirs = {n: InputReservoir.from_tensors(tensors, n) for n in header.get("reservoirs", [])}
         except KeyError as e:
             raise CheckpointError(f"calibration file {str(path)!r} misses tensor {e}; it is truncated") from e
         for n, st in layers.items():
@@ -90,6 +98,7 @@ class CalibrationStats:
             layers=layers,
             splits={k: tuple(v) for k, v in header["splits"].items()},
             meta=header.get("meta", {}),
+            reservoirs=reservoirs,
         )
 
     def check_matches(self, structure: str, family: str) -> None:

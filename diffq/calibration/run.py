@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calibration.container import CalibrationStats
+from diffq.calibration.reservoir import InputReservoir
 from diffq.calibration.stats import LayerStats
 from diffq.errors import CalibrationError
 from diffq.fingerprint import weights_fingerprint
@@ -54,6 +55,7 @@ def calibrate(
     width: int | None = None,
     progress: bool = True,
     checkpoint: str | Path | None = None,
+    reservoir: int = 0,
 ) -> CalibrationStats:
     """Collect per-timestep input statistics of every quantizable layer of ``pipe``'s denoiser.
 
@@ -62,6 +64,9 @@ def calibrate(
     Image i of prompt p uses seed ``seed + p * images_per_prompt + i``, so runs are deterministic.
     checkpoint: a .safetensors path; the statistics are saved there (atomically) after every batch
         and an interrupted run with the same arguments resumes after the last finished batch.
+    reservoir: also keep up to this many real input rows per layer and step, a uniform random
+        sample (seeded by ``seed``; :mod:`diffq.calibration.reservoir`) for methods that need real
+        activations; 0 (default) keeps statistics only.
     Raises CalibrationError on an empty prompt list or a NaN/Inf input (naming layer and step).
     """
     prompts = list(prompts)
@@ -72,6 +77,8 @@ def calibrate(
     for label, v in (("batch_size", batch_size), ("images_per_prompt", images_per_prompt)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise CalibrationError(f"{label}={v!r} must be an integer >= 1")
+    if isinstance(reservoir, bool) or not isinstance(reservoir, int) or reservoir < 0:
+        raise CalibrationError(f"reservoir={reservoir!r} must be an integer >= 0 (rows kept per layer and step)")
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
     layers = quantizable_layers(denoiser)
@@ -82,7 +89,9 @@ def calibrate(
     all_prompts = [p for p in prompts for _ in range(images_per_prompt)]
     # the base weights are part of the identity: stats of another fine-tune must never be mixed in
     run_id = _run_id(all_prompts, num_inference_steps, guidance_scale, seed, batch_size, record_steps, height,
-                     width, weights_fingerprint(denoiser))
+                     width, weights_fingerprint(denoiser), reservoir)
+    reservoirs: dict[str, InputReservoir] = {}
+    sampler = torch.Generator().manual_seed(seed)
     done = 0
     if checkpoint is not None:
         remove_stale_temps(checkpoint)  # a killed run's half-written snapshot
@@ -95,6 +104,9 @@ def calibrate(
                 f"settings); pass another checkpoint path, or delete the file to start this run from scratch"
             )
         stats, step_buckets, done = prev.layers, prev.step_buckets, int(prev.meta.get("done", 0))
+        reservoirs = prev.reservoirs
+        if "sampler_state" in prev.meta:  # continue the same random stream as an uninterrupted run
+            sampler.set_state(torch.tensor(prev.meta["sampler_state"], dtype=torch.uint8))
     state = {"calls_at_start": 0}
 
     def make_hook(name: str, module: nn.Module):
@@ -114,6 +126,11 @@ def calibrate(
             if st is None:
                 st = stats[name] = LayerStats.empty(num_inference_steps, rows.shape[-1])
             st.update(step, rows)
+            if reservoir:
+                res = reservoirs.get(name)
+                if res is None:
+                    res = reservoirs[name] = InputReservoir.empty(num_inference_steps, reservoir, rows.shape[-1])
+                res.update(step, rows, sampler)
             step_buckets[step] = tracker.bucket
 
         return hook
@@ -140,7 +157,9 @@ def calibrate(
                 "unobserved_layers": missing,
                 "run_id": run_id,
                 "done": n_done,
+                **({"sampler_state": sampler.get_state().tolist()} if reservoir else {}),
             },
+            reservoirs=reservoirs,
         )
 
     try:

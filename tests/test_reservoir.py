@@ -1,0 +1,89 @@
+"""The optional capped reservoir of real layer inputs kept by calibration."""
+
+from __future__ import annotations
+
+import torch
+
+from diffq.calibration import CalibrationStats, calibrate
+from diffq.calibration.reservoir import InputReservoir
+from diffq.layers import quantizable_layers
+from diffq.pipelines.testing import tiny_pipeline
+
+
+def test_reservoir_keeps_everything_until_full_then_caps():
+    res = InputReservoir.empty(num_steps=2, capacity=8, channels=3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(15, dtype=torch.float32).reshape(5, 3)
+    res.update(0, x, g)
+    kept = res.samples(0).float()
+    assert kept.shape == (5, 3)
+    assert sorted(kept[:, 0].tolist()) == x[:, 0].tolist()  # all offered rows, unchanged
+    for _ in range(10):
+        res.update(0, torch.randn(7, 3), g)
+    assert res.samples(0).shape == (8, 3) and int(res.count[0]) == 75
+    assert res.samples(1).shape == (0, 3)
+
+
+def test_reservoir_sample_is_roughly_uniform_over_batches():
+    # 100 batches of 10 rows, each row tagged with its batch; a uniform sample of 200 rows should
+    # draw from early and late batches alike
+    res = InputReservoir.empty(num_steps=1, capacity=200, channels=1)
+    g = torch.Generator().manual_seed(1)
+    for b in range(100):
+        res.update(0, torch.full((10, 1), float(b)), g)
+    tags = res.samples(0).float().flatten()
+    early, late = int((tags < 50).sum()), int((tags >= 50).sum())
+    assert abs(early - late) < 50, (early, late)
+
+
+def test_calibration_reservoir_per_layer_and_step_round_trips(tmp_path):
+    pipe = tiny_pipeline("sd")
+    stats = calibrate(pipe, ["a cat", "a dog"], num_inference_steps=3, reservoir=16, progress=False)
+    layers = quantizable_layers(pipe.unet)
+    assert set(stats.reservoirs) == set(stats.layers) and set(stats.layers) <= set(layers)
+    for name, res in stats.reservoirs.items():
+        st = stats.layers[name]
+        assert res.rows.shape[:2] == (3, 16)
+        for step in range(3):
+            rows = res.samples(step).float()
+            assert 0 < len(rows) <= 16
+            # real inputs: inside the range the statistics saw at that step (fp16 rounding aside)
+            assert float(rows.abs().max()) <= float(st.absmax[step].max()) * 1.001 + 1e-3
+    path = stats.save(tmp_path / "s.safetensors")
+    back = CalibrationStats.load(path)
+    for name, res in stats.reservoirs.items():
+        assert torch.equal(back.reservoirs[name].rows, res.rows)
+        assert torch.equal(back.reservoirs[name].count, res.count)
+    again = calibrate(pipe, ["a cat", "a dog"], num_inference_steps=3, reservoir=16, progress=False)
+    name = next(iter(stats.reservoirs))
+    assert torch.equal(again.reservoirs[name].rows, stats.reservoirs[name].rows), "seeded, deterministic"
+    plain = calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False)
+    assert plain.reservoirs == {}
+
+
+def test_interrupted_calibration_with_reservoir_resumes_bit_identically(tmp_path, monkeypatch):
+    import diffq.calibration.run as run_mod
+
+    pipe = tiny_pipeline("sd")
+    prompts, kw = ["a cat", "a dog", "a bird"], dict(num_inference_steps=2, batch_size=1, reservoir=8, progress=False)
+    full = calibrate(pipe, prompts, **kw)
+    real_generate, calls = run_mod.generate, {"n": 0}
+
+    def dies_on_second_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_generate(*a, **k)
+
+    ck = tmp_path / "ck.safetensors"
+    monkeypatch.setattr(run_mod, "generate", dies_on_second_batch)
+    try:
+        calibrate(pipe, prompts, checkpoint=ck, **kw)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(run_mod, "generate", real_generate)
+    assert CalibrationStats.load(ck).meta["done"] == 1
+    resumed = calibrate(pipe, prompts, checkpoint=ck, **kw)
+    for name, res in full.reservoirs.items():
+        assert torch.equal(resumed.reservoirs[name].rows, res.rows), name
+        assert torch.equal(resumed.layers[name].absmax, full.layers[name].absmax)
