@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record-steps", type=int, default=None, help="record only N uniformly spread steps")
     p.add_argument("--reservoir", type=int, default=0,
                    help="also keep N real input rows per layer and step (uniform sample; default 0: statistics only)")
+    p.add_argument("--attention-operands", action="store_true",
+                   help="also record Q, K, V of every attention (operands of Q·K and P·V) per step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True,
                    help="output .safetensors file, saved after every batch: re-run the same command to resume")
@@ -169,7 +171,8 @@ def cmd_calibrate(args) -> int:
     stats = calibrate(
         pipe, prompts, num_inference_steps=args.steps or 20, guidance_scale=args.guidance, seed=args.seed,
         images_per_prompt=args.images_per_prompt, record_steps=args.record_steps, progress=not args.quiet,
-        checkpoint=args.out, reservoir=args.reservoir,  # --out doubles as the resume checkpoint
+        checkpoint=args.out, reservoir=args.reservoir, attention_operands=args.attention_operands,
+        # --out doubles as the resume checkpoint
     )
     stats.save(args.out)
     _emit(args, f"calibration statistics of {len(stats.layers)} layers x {stats.num_steps} steps -> {args.out}",

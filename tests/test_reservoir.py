@@ -87,3 +87,30 @@ def test_interrupted_calibration_with_reservoir_resumes_bit_identically(tmp_path
     for name, res in full.reservoirs.items():
         assert torch.equal(resumed.reservoirs[name].rows, res.rows), name
         assert torch.equal(resumed.layers[name].absmax, full.layers[name].absmax)
+
+
+def test_attention_operands_recorded_per_step_and_saved(tmp_path):
+    from diffq.calibration.operands import attention_operands
+
+    pipe = tiny_pipeline("sd3")  # joint attention with q/k normalisation
+    ops = attention_operands(pipe.transformer)
+    assert any(n.endswith(".added_q") for n in ops) and any(n.endswith(".q") for n in ops)
+
+    class QKNormAttention(torch.nn.Module):  # the FLUX / SD3.5 layout: q and k normalised per head
+        def __init__(self):
+            super().__init__()
+            self.to_q, self.to_k, self.to_v = (torch.nn.Linear(4, 4) for _ in range(3))
+            self.norm_q, self.norm_k = torch.nn.LayerNorm(4), torch.nn.LayerNorm(4)
+
+    block = torch.nn.ModuleDict({"attn": QKNormAttention()})
+    found = attention_operands(block)
+    assert found["attn.q"] is block["attn"].norm_q and found["attn.k"] is block["attn"].norm_k
+    assert found["attn.v"] is block["attn"].to_v and set(found) == {"attn.q", "attn.k", "attn.v"}
+    stats = calibrate(pipe, ["a cat"], num_inference_steps=2, attention_operands=True, progress=False)
+    assert set(stats.operands) == set(ops)
+    for st in stats.operands.values():
+        assert bool(st.observed.all()) and float(st.absmax.max()) > 0
+    back = CalibrationStats.load(stats.save(tmp_path / "s.safetensors"))
+    name = next(iter(stats.operands))
+    assert torch.equal(back.operands[name].absmax, stats.operands[name].absmax)
+    assert calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False).operands == {}

@@ -27,6 +27,8 @@ class CalibrationStats:
     splits: layers whose input is a [main, skip] channel concatenation -> widths.
     reservoirs: layer -> capped sample of real input rows per step (only when calibrate was asked
         for ``reservoir=N``; see :mod:`diffq.calibration.reservoir`).
+    operands: ``"<attention>.q|k|v"`` -> statistics of attention's matmul operands (only with
+        ``attention_operands=True``; see :mod:`diffq.calibration.operands`).
     structure: fingerprint of the denoiser's quantizable layers (names and shapes), checked
         before the stats are used on a pipeline.
     """
@@ -39,6 +41,7 @@ class CalibrationStats:
     splits: dict[str, tuple[int, int]] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     reservoirs: dict[str, InputReservoir] = field(default_factory=dict)
+    operands: dict[str, LayerStats] = field(default_factory=dict)
 
     def observed_steps(self) -> list[int]:
         return [i for i, b in enumerate(self.step_buckets) if b >= 0]
@@ -50,6 +53,8 @@ class CalibrationStats:
             tensors.update(st.to_tensors(name))
         for name, res in self.reservoirs.items():
             tensors.update(res.to_tensors(name))
+        for name, st in self.operands.items():
+            tensors.update(st.to_tensors(f"operand:{name}"))
         header = {
             "version": FORMAT_VERSION,
             "family": self.family,
@@ -60,6 +65,7 @@ class CalibrationStats:
             "splits": {k: list(v) for k, v in self.splits.items()},
             "meta": self.meta,
             "reservoirs": list(self.reservoirs),
+            "operands": list(self.operands),
         }
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"diffq_calibration": json.dumps(header)})
@@ -85,6 +91,7 @@ class CalibrationStats:
         try:
             layers = {n: LayerStats.from_tensors(tensors, n) for n in header["layers"]}
             reservoirs = {n: InputReservoir.from_tensors(tensors, n) for n in header.get("reservoirs", [])}
+            operands = {n: LayerStats.from_tensors(tensors, f"operand:{n}") for n in header.get("operands", [])}
         except KeyError as e:
             raise CheckpointError(f"calibration file {str(path)!r} misses tensor {e}; it is truncated") from e
         for n, st in layers.items():
@@ -99,6 +106,7 @@ class CalibrationStats:
             splits={k: tuple(v) for k, v in header["splits"].items()},
             meta=header.get("meta", {}),
             reservoirs=reservoirs,
+            operands=operands,
         )
 
     def check_matches(self, structure: str, family: str) -> None:

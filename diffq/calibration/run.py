@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calibration.container import CalibrationStats
+from diffq.calibration.operands import attention_operands as find_attention_operands
 from diffq.calibration.reservoir import InputReservoir
 from diffq.calibration.stats import LayerStats
 from diffq.errors import CalibrationError
@@ -56,6 +57,7 @@ def calibrate(
     progress: bool = True,
     checkpoint: str | Path | None = None,
     reservoir: int = 0,
+    attention_operands: bool = False,
 ) -> CalibrationStats:
     """Collect per-timestep input statistics of every quantizable layer of ``pipe``'s denoiser.
 
@@ -67,6 +69,8 @@ def calibrate(
     reservoir: also keep up to this many real input rows per layer and step, a uniform random
         sample (seeded by ``seed``; :mod:`diffq.calibration.reservoir`) for methods that need real
         activations; 0 (default) keeps statistics only.
+    attention_operands: also record Q, K and V of every attention module (the operands of Q·Kᵀ and
+        P·V; :mod:`diffq.calibration.operands`) into ``stats.operands``, per step, like layer inputs.
     Raises CalibrationError on an empty prompt list or a NaN/Inf input (naming layer and step).
     """
     prompts = list(prompts)
@@ -89,7 +93,9 @@ def calibrate(
     all_prompts = [p for p in prompts for _ in range(images_per_prompt)]
     # the base weights are part of the identity: stats of another fine-tune must never be mixed in
     run_id = _run_id(all_prompts, num_inference_steps, guidance_scale, seed, batch_size, record_steps, height,
-                     width, weights_fingerprint(denoiser), reservoir)
+                     width, weights_fingerprint(denoiser), reservoir, attention_operands)
+    operand_mods = find_attention_operands(denoiser) if attention_operands else {}
+    operand_stats: dict[str, LayerStats] = {}
     reservoirs: dict[str, InputReservoir] = {}
     sampler = torch.Generator().manual_seed(seed)
     done = 0
@@ -105,6 +111,7 @@ def calibrate(
             )
         stats, step_buckets, done = prev.layers, prev.step_buckets, int(prev.meta.get("done", 0))
         reservoirs = prev.reservoirs
+        operand_stats = prev.operands
         if "sampler_state" in prev.meta:  # continue the same random stream as an uninterrupted run
             sampler.set_state(torch.tensor(prev.meta["sampler_state"], dtype=torch.uint8))
     state = {"calls_at_start": 0}
@@ -135,7 +142,23 @@ def calibrate(
 
         return hook
 
+    def make_operand_hook(name: str):
+        def hook(mod, args, output):
+            step = tracker.calls - 1 - state["calls_at_start"]
+            if step < 0 or step >= num_inference_steps or step not in recorded or not torch.is_tensor(output):
+                return
+            rows = output.reshape(-1, output.shape[-1])
+            if not torch.isfinite(rows).all():
+                raise CalibrationError(f"NaN/Inf in attention operand {name!r} at step {step}")
+            st = operand_stats.get(name)
+            if st is None:
+                st = operand_stats[name] = LayerStats.empty(num_inference_steps, rows.shape[-1])
+            st.update(step, rows)
+
+        return hook
+
     handles = [m.register_forward_pre_hook(make_hook(n, m)) for n, m in layers.items()]
+    handles += [m.register_forward_hook(make_operand_hook(n)) for n, m in operand_mods.items()]
     seeds = [seed + i for i in range(len(all_prompts))]
     bar = tqdm(total=len(all_prompts), initial=done, desc="calibrate", disable=not progress_enabled(progress))
 
@@ -160,6 +183,7 @@ def calibrate(
                 **({"sampler_state": sampler.get_state().tolist()} if reservoir else {}),
             },
             reservoirs=reservoirs,
+            operands=operand_stats,
         )
 
     try:
