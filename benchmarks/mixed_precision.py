@@ -72,26 +72,27 @@ def run_model(model: str, args, clip) -> dict:
     pipe = _pipe(model)
     t0, c0 = time.perf_counter(), time.process_time()
     table = sensitivity(
-        pipe, prompts=sens_prompts, candidates=CANDIDATES, num_inference_steps=args.steps,
+        pipe, prompts=sens_prompts, candidates=tuple(args.candidates.split(",")), num_inference_steps=args.steps,
         guidance_scale=args.guidance, groups=groups, scorer="digits",
         cache_dir=RESULTS / "cache" / "sensitivity" / model, progress=not args.quiet,
     )
     sens_s, sens_cpu = time.perf_counter() - t0, time.process_time() - c0
-    table.save(RESULTS / f"mixed_precision_{model}_table.json")
-    plot_sensitivity(table, RESULTS / f"mixed_precision_{model}_sensitivity.png")
+    table.save(RESULTS / f"mixed_precision{args.tag}_{model}_table.json")
+    plot_sensitivity(table, RESULTS / f"mixed_precision{args.tag}_{model}_sensitivity.png")
 
-    uni = uniform_plan(table, adapter_for(pipe).denoiser(pipe), "w4a8")
-    budgets = [uni.realised["avg_bits"], *args.extra_budgets]
-    plans = {"uniform w4a8": uni}
+    kind = args.budget_kind
+    uni = uniform_plan(table, adapter_for(pipe).denoiser(pipe), args.baseline)
+    budgets = [uni.realised[kind], *(args.extra_budgets if kind == "avg_bits" else [])]
+    plans = {f"uniform {args.baseline}": uni}
     t1 = time.perf_counter()
     for b in budgets:
-        tag = f"@{b:.3f}"
-        plans[f"mixed decoupled {tag}"] = allocate(table, budget=b)
-        plans[f"mixed quality-only {tag}"] = allocate(table, budget=b, judges={"*": ("quality",)})
+        tag = f"@{b:.3f}" if kind == "avg_bits" else f"@{b:.3g} bitops"
+        plans[f"mixed decoupled {tag}"] = allocate(table, budget=b, budget_kind=kind)
+        plans[f"mixed quality-only {tag}"] = allocate(table, budget=b, budget_kind=kind, judges={"*": ("quality",)})
     alloc_s = (time.perf_counter() - t1) / (2 * len(budgets))
-    main = f"mixed decoupled @{budgets[0]:.3f}"
-    plans[main].save(RESULTS / f"mixed_precision_{model}_plan.json")
-    plot_plan(plans[main], table, RESULTS / f"mixed_precision_{model}_plan.png")
+    main = next(k for k in plans if k.startswith("mixed decoupled"))
+    plans[main].save(RESULTS / f"mixed_precision{args.tag}_{model}_plan.json")
+    plot_plan(plans[main], table, RESULTS / f"mixed_precision{args.tag}_{model}_plan.png")
 
     ref = generate(pipe, eval_prompts, eval_seeds, **gen)
     from diffq.eval import clip_score_digits
@@ -120,13 +121,18 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=100)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated presets to choose from")
+    ap.add_argument("--baseline", default="w4a8", help="uniform preset whose cost is the budget")
+    ap.add_argument("--budget-kind", default="avg_bits", choices=["avg_bits", "bitops"])
     ap.add_argument("--groups", default="block_role", choices=["none", "block", "block_role"])
     ap.add_argument("--extra-budgets", type=float, nargs="*", default=[6.0])
-    ap.add_argument("--json", default=str(RESULTS / "mixed_precision.json"))
+    ap.add_argument("--tag", default="", help="suffix of the result files, e.g. _bitops")
+    ap.add_argument("--json", default=None, help="default: benchmarks/results/mixed_precision<tag>.json")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is fastest for these tiny models on a shared CPU)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
+    args.json = args.json or str(RESULTS / f"mixed_precision{args.tag}.json")
 
     from diffq.errors import MissingWeightsError
     from diffq.io import write_json_atomic
