@@ -69,19 +69,24 @@ def demo_pipeline(name: str, device: str | torch.device = "cpu"):
         )
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
 
     path = _asset_dir(name, "model_index.json")
     verbosity = dlog.get_verbosity()
     bars_were_on = dlog.is_progress_bar_enabled()
+    t_bars_were_on = tlog.is_progress_bar_enabled()
     dlog.set_verbosity_error()
     if _quiet():
         dlog.disable_progress_bar()  # the "Loading pipeline components" bar
+        tlog.disable_progress_bar()  # the text encoder's "Loading weights" bar
     try:
         pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     finally:
         dlog.set_verbosity(verbosity)
         if bars_were_on:
             dlog.enable_progress_bar()
+        if t_bars_were_on:
+            tlog.enable_progress_bar()
     pipe.set_progress_bar_config(disable=_quiet())
     return pipe.to(device)
 
