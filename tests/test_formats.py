@@ -209,3 +209,20 @@ def test_amax_override_and_clip_ratio():
     assert float(dequantize(q).max()) <= 0.5 + 1e-6  # clipped
     q2 = quantize(x, QuantSpec("int8", "tensor"), clip_ratio=0.5)
     assert torch.allclose(q2.scale, q.scale)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int4", "group", 64, "fp16"), QuantSpec("int8", "channel"),
+                                  QuantSpec("int4", "channel")])
+def test_coarse_to_fine_mse_clip_is_within_half_a_percent_of_exhaustive_search(spec):
+    from diffq.methods.clipping import MSE_GRID, _per_group, mse_clip_ratio
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 256, generator=g) * torch.rand(128, 1, generator=g)
+    w[0, 3] = 20.0  # an outlier row, where clipping matters most
+    err = lambda r: _per_group((dequantize(quantize(w, spec, clip_ratio=r)) - w).pow(2), spec)  # noqa: E731
+    exhaustive = torch.stack([err(r) for r in MSE_GRID]).amin(0)
+    fast = err(mse_clip_ratio(w, spec))
+    assert float(fast.sum()) <= 1.005 * float(exhaustive.sum())
+    assert float(fast.sum()) <= float(err(1.0).sum())  # never worse than min-max (strictly better at 4 bits)
+    if spec.dtype == "int4":
+        assert float(fast.sum()) < 0.99 * float(err(1.0).sum())

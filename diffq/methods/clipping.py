@@ -17,22 +17,40 @@ MSE_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5
 def mse_clip_ratio(w: torch.Tensor, spec: QuantSpec, grid: tuple[float, ...] = MSE_GRID) -> torch.Tensor:
     """Per-scale-group clip ratio in ``grid`` minimising the group's squared error.
 
+    Coarse to fine (10 quantization passes instead of 21 for the default grid): every 4th grid
+    point first, then the grid points within two steps of each group's best coarse ratio. The
+    error curve of a group is close to unimodal in the ratio, so this lands on the exhaustive
+    optimum or next to it (tests/test_formats.py compares both), at half the cost, which matters
+    for SD1.5-size models on a CPU.
+
     w: [R, C] float. Returns ratios broadcastable to the scale shape ``[R|1, groups|1]``.
     """
-    best_err = None
-    best_ratio = None
     w = w.float()
-    for r in grid:
-        q = quantize(w, spec, clip_ratio=r)
-        err = (dequantize(q) - w).pow(2)
-        err = _per_group(err, spec)
+    grid_t = torch.tensor(grid, dtype=torch.float32)
+    coarse = grid_t[::4]
+    best_err, best_ratio = _search(w, spec, [torch.full((), float(r)) for r in coarse])
+    step = float(grid_t[0] - grid_t[1]) if len(grid_t) > 1 else 0.0
+    lo, hi = float(grid_t.min()), float(grid_t.max())
+    fine = [(best_ratio + k * step).clamp(lo, hi) for k in (-2, -1, 1, 2)]
+    err, ratio = _search(w, spec, fine)
+    better = err < best_err
+    return torch.where(better, ratio, best_ratio)
+
+
+def _search(w: torch.Tensor, spec: QuantSpec, ratios: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best (per-group squared error, ratio) over candidate ``ratios`` (scalars or per-group)."""
+    best_err = best_ratio = None
+    for r in ratios:
+        q = quantize(w, spec, clip_ratio=r if r.dim() else float(r))
+        err = _per_group((dequantize(q) - w).pow(2), spec)
+        r_full = r.expand_as(err) if r.dim() else torch.full_like(err, float(r))
         if best_err is None:
-            best_err, best_ratio = err, torch.full_like(err, r)
+            best_err, best_ratio = err, r_full.clone()
         else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_ratio = torch.where(better, torch.full_like(err, r), best_ratio)
-    return best_ratio
+            best_ratio = torch.where(better, r_full, best_ratio)
+    return best_err, best_ratio
 
 
 def percentile_clip_ratio(w: torch.Tensor, spec: QuantSpec, percentile: float) -> torch.Tensor:
