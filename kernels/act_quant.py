@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from diffq.formats.floating import FP_MAX
 from diffq.kernels.autotune import is_interpreted
 from diffq.kernels.tl_helpers import SCALE_MIN, e4m3_grid, pack_int4, round_half_even
 
@@ -137,7 +138,7 @@ def quantize_rows(
     _act_rows_kernel[grid](
         x2, smooth if smooth is not None else x2, act_scale if act_scale is not None else x2, codes, scale,
         m, k, x2.stride(0), codes.stride(0),
-        QMAX=448.0 if fp8 else 127.0, FP8=fp8, HAS_SMOOTH=smooth is not None, STATIC=act_scale is not None,
+        QMAX=FP_MAX["fp8_e4m3"] if fp8 else 127.0, FP8=fp8, HAS_SMOOTH=smooth is not None, STATIC=act_scale is not None,
         BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
     )  # fmt: skip
     return codes, scale

@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from diffq.formats.floating import FP_MAX
 from diffq.kernels import dispatch as kd
 from diffq.kernels.conv import conv2d_via_gemm, expand_channel_vector
 
@@ -80,7 +81,7 @@ _KINDS = {
     ("int4g", "int4g"): "w4a4",
     ("fp8ch", "fp8tok"): "fp8",
 }
-_QMAX = {"int8tok": 127.0, "fp8tok": 448.0}
+_QMAX = {"int8tok": 127.0, "fp8tok": FP_MAX["fp8_e4m3"]}
 
 
 def kernel_kind(module: nn.Module) -> str | None:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from diffq.formats import pack_int4, unpack_int4
+from diffq.formats import SCALE_MIN, pack_int4, unpack_int4
+from diffq.formats.floating import FP_MAX
 
-SCALE_MIN = 2.0**-32
-FP8_MAX = 448.0
+FP8_MAX = FP_MAX["fp8_e4m3"]
 
 
 def int_qmax(bits: int) -> int:

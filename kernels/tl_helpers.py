@@ -12,8 +12,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-#: smallest activation scale (fp32); same constant as ``diffq.formats.SCALE_MIN``
-SCALE_MIN = tl.constexpr(2.0**-32)
+from diffq.formats import SCALE_MIN as _SCALE_MIN
+
+#: smallest activation scale (fp32): the core's ``diffq.formats.SCALE_MIN``
+SCALE_MIN = tl.constexpr(_SCALE_MIN)
 #: 1.5 * 2^23: adding and subtracting it rounds an fp32 |v| < 2^22 to an integer, ties to even
 _RNE_MAGIC = tl.constexpr(12582912.0)
 
