@@ -8,36 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffq.io import atomic_path
+from diffq.eval.report import new_figure, save_figure
 from diffq.sensitivity_analysis import DENSE, SensitivityTable
-
-
-class _FigureFactory:
-    """The three pyplot calls used here, on plain ``Figure`` objects: never touches the global
-    pyplot state or backend, so plotting inside a notebook keeps its inline figures working."""
-
-    @staticmethod
-    def subplots(*args, figsize=None, **kwargs):
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=figsize)
-        FigureCanvasAgg(fig)
-        return fig, fig.subplots(*args, **kwargs)
-
-    @staticmethod
-    def get_cmap(name: str):
-        import matplotlib
-
-        return matplotlib.colormaps[name]
-
-    @staticmethod
-    def close(fig) -> None:
-        """Nothing to release: the figure is not registered with pyplot."""
-
-
-def _plt() -> _FigureFactory:
-    return _FigureFactory()
 
 
 def _short(name: str, width: int = 38) -> str:
@@ -49,12 +21,11 @@ def plot_sensitivity(table: SensitivityTable, path: str | Path, *, title: str | 
     units judged by that metric drawn solid, the others hatched. Returns ``path``."""
     import numpy as np
 
-    plt = _plt()
     cands = [c for c in table.candidates if c != DENSE]
     metrics = table.metrics
     n = len(table.units)
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(8, 0.18 * n + 2), 3.2 * len(metrics) + 1.5),
-                             squeeze=False, sharex=True)
+    fig = new_figure((max(8, 0.18 * n + 2), 3.2 * len(metrics) + 1.5))
+    axes = fig.subplots(len(metrics), 1, squeeze=False, sharex=True)
     x = np.arange(n)
     width = 0.8 / max(len(cands), 1)
     for ax, m in zip(axes[:, 0], metrics):
@@ -75,20 +46,22 @@ def plot_sensitivity(table: SensitivityTable, path: str | Path, *, title: str | 
     axes[-1, 0].set_xticklabels([_short(u) for u in table.units], rotation=90, fontsize=6)
     fig.suptitle(title or f"per-unit sensitivity ({table.meta.get('family', '')}, {n} units)")
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return save_figure(fig, path)
 
 
 def plot_plan(plan, table: SensitivityTable | None, path: str | Path, *, title: str | None = None) -> Path:
     """Nominal weight bits chosen per layer, coloured by role; with ``table``, the unit's combined
     sensitivity at its most aggressive candidate is overlaid (right axis)."""
-    plt = _plt()
+    import matplotlib
+
     names = list(plan.assignments)
     roles = [plan.roles.get(n, "other") for n in names]
-    palette = plt.get_cmap("tab20")
+    palette = matplotlib.colormaps["tab20"]
     role_list = sorted(set(roles))
     colour = {r: palette(i % 20) for i, r in enumerate(role_list)}
     bits = [plan.bits.get(n, 16 if plan.assignments[n] == DENSE else 0) for n in names]
-    fig, ax = plt.subplots(figsize=(max(8, 0.12 * len(names) + 2), 4.5))
+    fig = new_figure((max(8, 0.12 * len(names) + 2), 4.5))
+    ax = fig.subplots()
     ax.bar(range(len(names)), bits, color=[colour[r] for r in roles])
     ax.set_ylabel("weight bits")
     ax.set_yticks(sorted(set(bits)))
@@ -108,11 +81,4 @@ def plot_plan(plan, table: SensitivityTable | None, path: str | Path, *, title: 
     budget = f"{plan.budget_kind} <= {plan.budget:.4g}" if plan.budget is not None else "uniform"
     ax.set_title(title or f"bits per layer ({budget})", pad=40)
     fig.tight_layout()
-    return _save(fig, plt, path)
-
-
-def _save(fig, plt, path: str | Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

@@ -239,6 +239,24 @@ def write_report(out_dir: str | os.PathLike, *, title: str, grid_png: str | os.P
 
 
 # --------------------------------------------------------------------------------------- plot
+def new_figure(figsize: tuple[float, float], dpi: int = 110):
+    """A matplotlib ``Figure`` on its own Agg canvas: no pyplot, no global backend change, so
+    plotting from diffq never disturbs a notebook's inline figures."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int | None = None) -> Path:
+    """Write ``fig`` as PNG atomically; returns ``path``."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", **({"dpi": dpi} if dpi else {}))
+    return Path(path)
+
+
 def plot_quality_vs_size(rows: Sequence[dict], x: str = "size_ratio", y: str = "psnr",
                          out_png: str | os.PathLike = "quality_vs_size.png", *, label: str = "recipe",
                          title: str | None = None, xlabel: str | None = None, ylabel: str | None = None) -> Path:
@@ -247,9 +265,6 @@ def plot_quality_vs_size(rows: Sequence[dict], x: str = "size_ratio", y: str = "
     Rows whose x or y is missing or not finite are skipped (e.g. PSNR = inf for the reference).
     Uses matplotlib's Agg canvas directly (no pyplot, no global backend change); written atomically.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     pts = []
     for r in rows:
         try:
@@ -258,8 +273,7 @@ def plot_quality_vs_size(rows: Sequence[dict], x: str = "size_ratio", y: str = "
             continue
         if math.isfinite(xv) and math.isfinite(yv):
             pts.append((xv, yv, str(r.get(label, ""))))
-    fig = Figure(figsize=(5.5, 4.0), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = new_figure((5.5, 4.0))
     ax = fig.add_subplot(1, 1, 1)
     if pts:
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", zorder=3)
@@ -272,9 +286,7 @@ def plot_quality_vs_size(rows: Sequence[dict], x: str = "size_ratio", y: str = "
     ax.set_title(title or f"{y} vs {x}")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
-    return Path(out_png)
+    return save_figure(fig, out_png)
 
 
 __all__ = [
