@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from diffq.kernels.autotune import launch, m_bucket
 from diffq.kernels.tl_helpers import tile_ids, to_output
+from diffq.kernels.w8a8 import launch_row_scaled_gemm
 
 
 @triton.jit
@@ -62,23 +62,7 @@ def fp8_gemm_triton(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """xq E4M3 [M, K], xscale fp32 [M, 1], qweight E4M3 [N, K], wscale [N, 1] -> [M, N] out_dtype."""
-    m, k = xq.shape
-    n = qweight.shape[0]
-    y = torch.empty(m, n, device=xq.device, dtype=out_dtype)
-    if m == 0:
-        return y
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    launch(
-        _fp8_kernel, "fp8", grid,
-        x_ptr=xq, xs_ptr=xscale, w_ptr=qweight, ws_ptr=wscale, b_ptr=bias if bias is not None else wscale,
-        y_ptr=y, M=m, N=n, K=k, M_BUCKET=m_bucket(m),
-        stride_xm=xq.stride(0), stride_wn=qweight.stride(0), stride_ym=y.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=k % 256 == 0,
-    )  # fmt: skip
-    return y
+    return launch_row_scaled_gemm(_fp8_kernel, "fp8", xq, xscale, qweight, wscale, bias, out_dtype)
 
 
 def fp8_scaled_mm(

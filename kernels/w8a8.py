@@ -53,15 +53,12 @@ def _w8a8_kernel(
     tl.store(y_ptr + om.to(tl.int64)[:, None] * stride_ym + on[None, :], to_output(out, y_ptr.dtype.element_ty), mask=mask)
 
 
-def w8a8_gemm_triton(
-    xq: torch.Tensor,
-    xscale: torch.Tensor,
-    qweight: torch.Tensor,
-    wscale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
+def launch_row_scaled_gemm(
+    kernel, name: str, xq: torch.Tensor, xscale: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """xq int8 [M, K], xscale fp32 [M, 1], qweight int8 [N, K], wscale [N, 1] -> [M, N] out_dtype."""
+    """Launch a per-token x per-channel scaled GEMM kernel (``_w8a8_kernel`` or the FP8 one: they
+    share this signature) on xq [M, K], xscale fp32 [M, 1], qweight [N, K], wscale [N] -> [M, N]."""
     m, k = xq.shape
     n = qweight.shape[0]
     y = torch.empty(m, n, device=xq.device, dtype=out_dtype)
@@ -72,10 +69,22 @@ def w8a8_gemm_triton(
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     launch(
-        _w8a8_kernel, "w8a8", grid,
+        kernel, name, grid,
         x_ptr=xq, xs_ptr=xscale, w_ptr=qweight, ws_ptr=wscale, b_ptr=bias if bias is not None else wscale,
         y_ptr=y, M=m, N=n, K=k, M_BUCKET=m_bucket(m),
         stride_xm=xq.stride(0), stride_wn=qweight.stride(0), stride_ym=y.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % 256 == 0,
     )  # fmt: skip
     return y
+
+
+def w8a8_gemm_triton(
+    xq: torch.Tensor,
+    xscale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """xq int8 [M, K], xscale fp32 [M, 1], qweight int8 [N, K], wscale [N, 1] -> [M, N] out_dtype."""
+    return launch_row_scaled_gemm(_w8a8_kernel, "w8a8", xq, xscale, qweight, wscale, bias, out_dtype)
