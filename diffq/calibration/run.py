@@ -116,23 +116,31 @@ def calibrate(
             sampler.set_state(torch.tensor(prev.meta["sampler_state"], dtype=torch.uint8))
     state = {"calls_at_start": 0}
 
+    def recorded_step() -> int | None:
+        """Step index of the denoiser call in progress, or None when this step is not recorded."""
+        step = tracker.calls - 1 - state["calls_at_start"]
+        return step if 0 <= step < num_inference_steps and step in recorded else None
+
+    def record(table: dict[str, LayerStats], name: str, step: int, rows: torch.Tensor, what: str) -> None:
+        """Fold ``rows`` [R, C] into ``table[name]`` at ``step``, refusing NaN/Inf where it starts."""
+        if not torch.isfinite(rows).all():
+            raise CalibrationError(
+                f"NaN/Inf in the {what} {name!r} at step {step} (timestep bucket {tracker.bucket}); "
+                f"the full-precision pipeline itself is producing non-finite values - check its dtype "
+                f"(fp16 overflow: use bf16/fp32) and inputs"
+            )
+        st = table.get(name)
+        if st is None:
+            st = table[name] = LayerStats.empty(num_inference_steps, rows.shape[-1])
+        st.update(step, rows)
+
     def make_hook(name: str, module: nn.Module):
         def hook(mod, args):
-            step = tracker.calls - 1 - state["calls_at_start"]
-            if step < 0 or step >= num_inference_steps or step not in recorded:
+            step = recorded_step()
+            if step is None:
                 return
-            x = args[0]
-            rows = _rows(mod, x)
-            if not torch.isfinite(rows).all():
-                raise CalibrationError(
-                    f"NaN/Inf in the input of layer {name!r} at step {step} (timestep bucket {tracker.bucket}); "
-                    f"the full-precision pipeline itself is producing non-finite values - check its dtype "
-                    f"(fp16 overflow: use bf16/fp32) and inputs"
-                )
-            st = stats.get(name)
-            if st is None:
-                st = stats[name] = LayerStats.empty(num_inference_steps, rows.shape[-1])
-            st.update(step, rows)
+            rows = _rows(mod, args[0])
+            record(stats, name, step, rows, "input of layer")
             if reservoir:
                 res = reservoirs.get(name)
                 if res is None:
@@ -144,16 +152,9 @@ def calibrate(
 
     def make_operand_hook(name: str):
         def hook(mod, args, output):
-            step = tracker.calls - 1 - state["calls_at_start"]
-            if step < 0 or step >= num_inference_steps or step not in recorded or not torch.is_tensor(output):
-                return
-            rows = output.reshape(-1, output.shape[-1])
-            if not torch.isfinite(rows).all():
-                raise CalibrationError(f"NaN/Inf in attention operand {name!r} at step {step}")
-            st = operand_stats.get(name)
-            if st is None:
-                st = operand_stats[name] = LayerStats.empty(num_inference_steps, rows.shape[-1])
-            st.update(step, rows)
+            step = recorded_step()
+            if step is not None and torch.is_tensor(output):
+                record(operand_stats, name, step, output.reshape(-1, output.shape[-1]), "attention operand")
 
         return hook
 
