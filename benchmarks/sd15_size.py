@@ -16,10 +16,10 @@ import time
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from transformers import CLIPTextConfig, CLIPTextModel
 
 import diffq
+from diffq.pipelines.tiny_tokenizers import CLIP_SPECIAL_IDS, clip_style_tokenizer, vocab_size
 
 # runwayml/stable-diffusion-v1-5 unet/config.json (the values that set layer shapes)
 SD15_UNET = dict(
@@ -36,14 +36,11 @@ def sd15_size_pipeline() -> StableDiffusionPipeline:
     unet = UNet2DConditionModel(**SD15_UNET).to(torch.bfloat16)
     vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), latent_channels=4, norm_num_groups=16,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3, "a": 4, "photo": 5}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 1), ("[EOS]", 2)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]",
-                                        unk_token="[UNK]", model_max_length=77)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=768, intermediate_size=256, num_hidden_layers=1,
-                                      num_attention_heads=12, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    tokenizer = clip_style_tokenizer()
+    ids = CLIP_SPECIAL_IDS
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size("clip"), hidden_size=768, intermediate_size=256,
+                                      num_hidden_layers=1, num_attention_heads=12, bos_token_id=ids["bos"],
+                                      eos_token_id=ids["eos"], pad_token_id=ids["pad"]))
     pipe = StableDiffusionPipeline(vae=vae.to(torch.bfloat16), text_encoder=te.to(torch.bfloat16), tokenizer=tokenizer,
                                    unet=unet, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
