@@ -25,7 +25,7 @@ from torch import nn
 from diffq.api import TEXT_ENCODER_ATTRS, quantized_modules, set_submodule
 from diffq.errors import CheckpointError, DiffqError
 from diffq.fingerprint import weights_fingerprint
-from diffq.formats import QTensor, QuantSpec, decode_scale, unpack_int4
+from diffq.formats import QTensor, QuantSpec, decode_scale, unpack_bits
 from diffq.io import atomic_path, write_json_atomic
 from diffq.modules import ActQuantizer, QuantConv2d, QuantLinear, attach_tracker
 from diffq.pipelines.adapters import adapter_for
@@ -194,7 +194,8 @@ def _rebuild(info: dict, buf: dict[str, torch.Tensor]) -> QuantLinear | QuantCon
         n, k_in = info["out_features"], info["in_features"]
         ksz = info.get("kernel_size", [1, 1])
         k = k_in * ksz[0] * ksz[1]
-        codes = unpack_int4(buf["qweight"], signed=wspec.is_int and wspec.symmetric) if wspec.packed else buf["qweight"]
+        codes = (unpack_bits(buf["qweight"], wspec.bits, signed=wspec.is_int and wspec.symmetric)
+                 if wspec.packed else buf["qweight"])
         if tuple(codes.shape) != (n, k):
             raise CheckpointError(f"weight codes have shape {tuple(codes.shape)}, expected {(n, k)}")
         gscale = buf.get("wscale_global")

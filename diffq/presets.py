@@ -10,6 +10,7 @@ from diffq.recipe import Recipe
 _INT8_CH = QuantSpec("int8", "channel")
 _INT8_TOK = QuantSpec("int8", "token")
 _INT4_G64 = QuantSpec("int4", "group", 64, "fp16")
+_INT3_G64 = QuantSpec("int3", "group", 64, "fp16")
 _FP8_CH = QuantSpec("fp8_e4m3", "channel")
 _FP8_TOK = QuantSpec("fp8_e4m3", "token")
 
@@ -19,6 +20,7 @@ PRESETS: dict[str, Recipe] = {
         "w8a8-static", weight=_INT8_CH, act=QuantSpec("int8", "tensor"), act_static=True, act_clip="mse"
     ),
     "w4a8": Recipe("w4a8", weight=_INT4_G64, act=_INT8_TOK, weight_clip="mse"),
+    "w3a8": Recipe("w3a8", weight=_INT3_G64, act=_INT8_TOK, weight_clip="mse"),
     "w4a16": Recipe("w4a16", weight=_INT4_G64, act=None, weight_clip="mse"),
     "w4a4": Recipe("w4a4", weight=_INT4_G64, act=QuantSpec("int4", "group", 64)),
     "w4a4-svd": Recipe(
@@ -38,6 +40,8 @@ DESCRIPTIONS = {
     "w8a8": "int8 per-channel weights, int8 dynamic per-token activations",
     "w8a8-static": "int8 weights, int8 activations with calibrated ranges per timestep group",
     "w4a8": "int4 weights (group 64, MSE clipping), int8 per-token activations",
+    "w3a8": "int3 weights (group 64, MSE clipping, 8 per 3 bytes), int8 per-token activations; "
+    "a candidate for mixed precision (too lossy alone for most models), reference path only",
     "w4a16": "int4 weights (group 64, MSE clipping), 16-bit activations",
     "w4a4": "int4 weights and activations (group 64), plain round-to-nearest",
     "w4a4-svd": "SVDQuant-style: smoothing + rank-32 16-bit branch + int4 weights/activations",

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from diffq.errors import RecipeError
-from diffq.formats import QuantSpec
+from diffq.formats import QuantSpec, pack_multiple
 from diffq.layers import in_out, quantizable_layers
 from diffq.pipelines.roles import role_of
 from diffq.recipe import Recipe
@@ -100,8 +100,8 @@ def choose_layers(denoiser: nn.Module, recipe: Recipe, plan: dict[str, str] | No
         a = layer_recipe.act
         fitted_a = fit_group(a, cin)
         ch.act = fitted_a if fitted_a is not None or a is None else _row_spec(a, True)
-        if ch.weight is not None and ch.weight.packed and cin % 2:
-            ch.skip = "odd input width cannot be packed two per byte"
+        if ch.weight is not None and ch.weight.packed and cin % pack_multiple(ch.weight.bits):
+            ch.skip = f"input width {cin} cannot be bit-packed at {ch.weight.bits} bits (needs a multiple of {pack_multiple(ch.weight.bits)})"
             continue
         ch.rank = layer_recipe.rank
         ch.smooth_alpha = layer_recipe.smooth_alpha

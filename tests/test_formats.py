@@ -15,8 +15,11 @@ from diffq.formats import (
     dequantize,
     fake_quantize,
     int_range,
+    pack_bits,
     pack_int4,
+    pack_multiple,
     quantize,
+    unpack_bits,
     unpack_int4,
 )
 from diffq.formats.floating import E2M1_VALUES, FP_MAX
@@ -61,6 +64,42 @@ def test_pack_rejects_odd_and_out_of_range():
         pack_int4(torch.zeros(3, dtype=torch.int8))
     with pytest.raises(FormatError, match=r"\[-8, 7\]"):
         pack_int4(torch.tensor([9, -1], dtype=torch.int16))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("signed", [True, False])
+def test_pack_bits_round_trips_every_code_in_every_position(bits, signed):
+    m = pack_multiple(bits)
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    dtype = torch.int8 if signed else torch.uint8
+    values = torch.arange(lo, hi + 1)
+    # every code at every position of a packing run: rows are rolls of the code list
+    n = max(len(values), m) // m * m + m
+    row = values.repeat(n // len(values) + 1)[:n]
+    grid = torch.stack([row.roll(i) for i in range(m)]).to(dtype)
+    packed = pack_bits(grid, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (m, n * bits // 8)  # really bits per code
+    assert torch.equal(unpack_bits(packed, bits, signed=signed), grid)
+
+
+def test_pack_bits_at_4_is_the_nibble_layout_and_3_bit_layout_is_little_endian():
+    c = torch.tensor([[1, 2, -1, 7]], dtype=torch.int8)
+    assert torch.equal(pack_bits(c, 4), pack_int4(c))
+    # 3-bit codes 1,2,3,4,5,6,7,0 -> bit stream 001 010 011 100 101 110 111 000 (LSB first)
+    word = sum(v << (3 * i) for i, v in enumerate([1, 2, 3, 4, 5, 6, 7, 0]))
+    packed = pack_bits(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0]], dtype=torch.uint8), 3)
+    assert packed.tolist() == [[word & 0xFF, (word >> 8) & 0xFF, word >> 16]]
+
+
+def test_pack_bits_rejects_bad_width_length_and_range():
+    with pytest.raises(FormatError, match="divisible by 8"):
+        pack_bits(torch.zeros(12, dtype=torch.int8), 3)
+    with pytest.raises(FormatError, match=r"\[-4, 3\]"):
+        pack_bits(torch.tensor([4, -1] + [0] * 6, dtype=torch.int16), 3)
+    with pytest.raises(FormatError, match="2..7 bits"):
+        pack_bits(torch.zeros(8, dtype=torch.int8), 8)
+    with pytest.raises(FormatError, match="multiples of 3 bytes"):
+        unpack_bits(torch.zeros(4, dtype=torch.uint8), 3)
 
 
 finite = st.floats(min_value=-(2.0**100), max_value=2.0**100, allow_nan=False, allow_infinity=False, width=32)

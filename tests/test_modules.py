@@ -39,10 +39,13 @@ def test_w8a8_linear_tolerance_and_int4_worse():
         errs[preset] = float((q(x) - ref).norm() / ref.norm())
     assert errs["w8a8"] < 0.01
     assert errs["w8a8"] < errs["w4a8"] < errs["w4a4"] < 0.3
+    q3 = build_layer(_choice(lin, "w3a8"), None)
+    assert errs["w4a8"] < float((q3(x) - ref).norm() / ref.norm()) < 0.3
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("int8", "channel"), QuantSpec("int4", "group", 32, "fp16"),
-                                  QuantSpec("uint4", "group", 32), NVFP4, QuantSpec("fp8_e4m3", "channel")],
+                                  QuantSpec("uint4", "group", 32), QuantSpec("int3", "group", 32, "fp16"),
+                                  QuantSpec("int2", "channel"), NVFP4, QuantSpec("fp8_e4m3", "channel")],
                          ids=lambda s: s.describe())
 def test_reported_bytes_equal_bytes_held(spec):
     lin = nn.Linear(64, 48)
@@ -52,8 +55,8 @@ def test_reported_bytes_equal_bytes_held(spec):
                     smooth=torch.ones(64))
     held = sum(t.untyped_storage().nbytes() for t in q.buffers())
     assert q.storage_bytes() == held
-    # 4-bit codes really are packed two per byte
-    expected_codes = 48 * 64 // 2 if spec.bits == 4 else 48 * 64
+    # sub-byte codes really are bit-packed (4-bit: two per byte, 3-bit: eight per three bytes)
+    expected_codes = 48 * 64 * spec.bits // 8
     assert q.qweight.numel() * q.qweight.element_size() == expected_codes
 
 

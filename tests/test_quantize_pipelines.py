@@ -15,7 +15,7 @@ from diffq.layers import quantizable_layers
 from diffq.pipelines.adapters import adapter_for
 from diffq.pipelines.testing import TINY_FAMILIES, tiny_pipeline
 
-PRESETS = ["w8a8", "w8a8-static", "w4a8", "w4a16", "w4a4", "w4a4-svd", "fp8", "fp4"]
+PRESETS = ["w8a8", "w8a8-static", "w4a8", "w3a8", "w4a16", "w4a4", "w4a4-svd", "fp8", "fp4"]
 PROMPTS = ["a cat", "a dog"]
 STEPS = 4
 
@@ -83,7 +83,7 @@ def test_every_preset_quantizes_and_generates(family, calibrated):
 
 
 def test_save_load_bit_identical(tmp_path, calibrated):
-    for family, preset in (("sd", "w4a4-svd"), ("sd", "w8a8-static"), ("flux", "fp4"), ("dit", "w4a8")):
+    for family, preset in (("sd", "w4a4-svd"), ("sd", "w8a8-static"), ("flux", "fp4"), ("dit", "w4a8"), ("sd3", "w3a8")):
         pipe, stats, _ = calibrated(family)
         p = copy.deepcopy(pipe)
         summary = diffq.quantize(p, preset, calibration=stats, progress=False)

@@ -11,7 +11,7 @@ from diffq.formats.core import (
     quantize,
     store_scale,
 )
-from diffq.formats.packing import pack_int4, unpack_int4
+from diffq.formats.packing import pack_bits, pack_int4, pack_multiple, unpack_bits, unpack_int4
 from diffq.formats.spec import MXFP4, NVFP4, QuantSpec
 
 __all__ = [
@@ -25,8 +25,11 @@ __all__ = [
     "dequantize_parts",
     "fake_quantize",
     "int_range",
+    "pack_bits",
     "pack_int4",
+    "pack_multiple",
     "quantize",
     "store_scale",
+    "unpack_bits",
     "unpack_int4",
 ]

@@ -85,8 +85,9 @@ class QuantSpec:
 
     @property
     def packed(self) -> bool:
-        """4-bit codes are stored two per byte (see :mod:`diffq.formats.packing`)."""
-        return self.bits == 4
+        """Codes narrower than a byte are bit-packed (see :mod:`diffq.formats.packing`): 4-bit two
+        per byte, 3-bit eight per three bytes, and so on."""
+        return self.bits < 8
 
     def with_group(self, group_size: int) -> QuantSpec:
         return replace(self, granularity="group", group_size=group_size)

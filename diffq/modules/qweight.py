@@ -1,4 +1,4 @@
-"""Storage of a quantized weight matrix ``[N, K]``: codes (4-bit packed two per byte), stored
+"""Storage of a quantized weight matrix ``[N, K]``: codes (sub-byte widths bit-packed), stored
 scales, optional zero points and NVFP4 global scale, and the way back to a dense matrix."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffq.formats import QTensor, QuantSpec, decode_scale, dequantize_parts, pack_int4, unpack_int4
+from diffq.formats import QTensor, QuantSpec, decode_scale, dequantize_parts, pack_bits, unpack_bits
 
 
 def register_qweight(module: nn.Module, q: QTensor) -> None:
@@ -14,7 +14,7 @@ def register_qweight(module: nn.Module, q: QTensor) -> None:
     spec = q.spec
     codes = q.codes
     if spec.packed:
-        codes = pack_int4(codes)
+        codes = pack_bits(codes, spec.bits)
     module.register_buffer("qweight", codes.contiguous().clone())
     module.register_buffer("wscale", q.scale_stored.contiguous().clone())
     module.register_buffer("wzero", None if q.zero is None else q.zero.to(torch.uint8).contiguous().clone())
@@ -28,7 +28,7 @@ def weight_codes(module: nn.Module) -> torch.Tensor:
     """Unpacked codes [N, K]: int8 (signed int), uint8 (unsigned int / FP4), or FP8."""
     spec: QuantSpec = module.wspec
     if spec.packed:
-        return unpack_int4(module.qweight, signed=spec.is_int and spec.symmetric)
+        return unpack_bits(module.qweight, spec.bits, signed=spec.is_int and spec.symmetric)
     return module.qweight
 
 
