@@ -289,17 +289,24 @@ def allocate(
     )
 
 
-def uniform_plan(table: SensitivityTable, denoiser, preset: str) -> BitPlan:
+def uniform_plan(table: SensitivityTable, denoiser, preset: str, *, skip_rules: bool = True) -> BitPlan:
     """What the uniform ``preset`` recipe does to the table's layers, as a BitPlan (layers its skip
-    rules keep dense are fp16): the baseline a mixed plan of the same cost is compared with."""
+    rules keep dense are fp16): the baseline a mixed plan of the same cost is compared with.
+
+    skip_rules=False: ``preset`` on every analysed layer that can hold it (embeddings and adaLN
+    included), the smallest uniform plan; a preset's skip rules can leave it far above its nominal
+    bits (digits-dit's uniform w4a8 is 9.6 bits per weight)."""
     from diffq.presets import get_preset
     from diffq.selection import choose_layers
 
-    quantized = {ch.name for ch in choose_layers(denoiser, get_preset(preset)) if ch.skip is None}
+    if skip_rules:
+        quantized = {ch.name for ch in choose_layers(denoiser, get_preset(preset)) if ch.skip is None}
+    else:
+        quantized = set(table.layers)
     assignments = {n: (preset if n in quantized and preset in table.layer_bytes[n] else DENSE) for n in table.layers}
     return BitPlan(
         assignments=assignments, realised=plan_cost(table, assignments),
         roles={n: table.roles[n] for n in assignments},
         bits={n: int(table.weight_bits[c]) for n, c in assignments.items()},
-        params={n: table.params[n] for n in assignments}, meta={"uniform": preset},
+        params={n: table.params[n] for n in assignments}, meta={"uniform": preset, "skip_rules": skip_rules},
     )

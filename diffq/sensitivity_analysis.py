@@ -11,10 +11,11 @@ the table keeps them apart:
   the full-precision and the quantized images.
 
 Each metric is normalised over the layers on its own (divided by the mean over units of the unit's
-worst candidate), and a *judge map* says which layers each metric judges (by default cross-attention
-and conditioning layers by quality *and* alignment, everything else by quality alone; a unit's
-score is the weighted sum of its judges' normalised metrics). Judging happens when the table
-is read (:meth:`SensitivityTable.combined`), so changing it needs no new measurements.
+worst candidate), and a *judge map* says which layers each metric judges (by default every layer by
+quality *and* alignment; :data:`CONDITIONING_JUDGES` restricts alignment to cross-attention and
+conditioning layers). A unit's score is the weighted sum of its judges' normalised metrics. Judging
+happens when the table is read (:meth:`SensitivityTable.combined`), so changing it needs no new
+measurements.
 
 Measuring one (unit, candidate) costs one generation of ``len(prompts)`` images: the unit's layers
 are swapped for their quantized modules, images generated, originals swapped back. Results go to
@@ -55,11 +56,17 @@ DENSE = "fp16"
 METRICS = ("quality", "alignment")
 DEFAULT_CANDIDATES = ("w8a8", "w4a8", "w4a16")
 QUALITY_METRICS = ("ssim", "mse", "lpips")
-# Layers that read the text / class condition: judged by alignment as well. Keys are roles, ``re:`` regexes
-# on the unit's layer names, or ``*`` (everything else). The first matching regex wins, then the role.
-# They keep the quality metric too: an alignment-only judge would call a layer "cheap" whenever the
-# (noisier, coarser) alignment score misses damage that is plain to see in the images.
-DEFAULT_JUDGES: dict[str, tuple[str, ...]] = {
+# Which metrics judge which layers. Keys are roles, ``re:`` regexes on the unit's layer names, or ``*``
+# (everything else); the first matching regex wins, then the role. By default every layer is judged by
+# both metrics, each normalised on its own (the decoupling), because on the demo models text-alignment
+# damage came as much from FFNs, attention output and in/out projections as from cross-attention: with
+# alignment judging only the conditioning layers (``CONDITIONING_JUDGES``) the plans came out identical
+# to quality-only ones, with every layer judged they kept more CLIP score (BENCHMARKS.md, issue 6).
+# Every judge set keeps quality: alignment alone calls a layer "cheap" whenever the (noisier, coarser)
+# alignment score misses damage that is plain to see in the images.
+DEFAULT_JUDGES: dict[str, tuple[str, ...]] = {"*": ("quality", "alignment")}
+# MixDQ-style alternative: alignment judges only the layers that read the text / class condition.
+CONDITIONING_JUDGES: dict[str, tuple[str, ...]] = {
     "cross_attn": ("quality", "alignment"),
     "adanorm": ("quality", "alignment"),
     r"re:(^|\.)(class_embedding|caption_projection|context_embedder|text_embedder|encoder_hid_proj"

@@ -398,7 +398,9 @@ it alone and regenerating a few images, with two separate metrics:
 * **alignment**: the drop of the CLIP score (here digits-clip): the picture stays clean but stops
   matching the prompt.
 
-Cross-attention and conditioning layers are judged by alignment, the others by quality. An integer
+Each metric is normalised over the units on its own, then every unit is judged by the sum of both
+(`diffq.sensitivity_analysis.CONDITIONING_JUDGES` restricts alignment to cross-attention and
+conditioning layers, MixDQ-style). An integer
 program (`diffq.allocate`) then picks one format per unit with the least total sensitivity under a
 size budget. The plan is applied with the `mixed` recipe.
 
@@ -462,14 +464,14 @@ the diagonal would be under-protected by a quality-only analysis.
 q, a = table.normalised("quality"), table.normalised("alignment")
 fig, ax = plt.subplots(figsize=(6, 4.5))
 for u in table.units:
-    judged = table.judged_by(u)[0]
-    ax.scatter(q[u]["w4a8"], a[u]["w4a8"], c="tab:orange" if judged == "alignment" else "tab:blue", s=25)
+    conditioning = any(table.roles[n] in ("cross_attn", "adanorm") for n in table.members[u])
+    ax.scatter(q[u]["w4a8"], a[u]["w4a8"], c="tab:orange" if conditioning else "tab:blue", s=25)
     if max(q[u]["w4a8"], a[u]["w4a8"]) > 1.0:
         ax.annotate(u, (q[u]["w4a8"], a[u]["w4a8"]), fontsize=6)
 lim = max(max(q[u]["w4a8"], a[u]["w4a8"]) for u in table.units) * 1.05
 ax.plot([0, lim], [0, lim], "k:", lw=0.8)
-ax.scatter([], [], c="tab:orange", label="judged by alignment")
-ax.scatter([], [], c="tab:blue", label="judged by quality")
+ax.scatter([], [], c="tab:orange", label="unit with cross-attention / adaLN layers")
+ax.scatter([], [], c="tab:blue", label="other units")
 ax.set_xlabel("quality sensitivity (normalised)")
 ax.set_ylabel("alignment sensitivity (normalised)")
 ax.legend(fontsize=8)
@@ -548,7 +550,8 @@ plt.close(fig)
 """),
     md("""
 With 8 images the points are noisy; `benchmarks/mixed_precision.py` runs the same comparison on
-200 held-out images. To use a plan: `plan.save("plan.json")`, then
+500 held-out images, with a 3-bit candidate and a quality-only plan beside the decoupled one.
+To use a plan: `plan.save("plan.json")`, then
 `diffq.quantize(pipe, "mixed", plan=diffq.BitPlan.load("plan.json"))` or
 `diffq quantize --preset mixed --set bit_plan=plan.json` on the command line.
 """),

@@ -28,19 +28,19 @@ def test_w8_linear_matches_dense_within_tolerance():
     assert out.shape == ref.shape and out.dtype == ref.dtype
 
 
+@torch.no_grad()
 def test_w8a8_linear_tolerance_and_int4_worse():
     torch.manual_seed(1)
     lin = nn.Linear(256, 128)
     x = torch.randn(32, 256)
     ref = lin(x)
     errs = {}
-    for preset in ("w8a8", "w4a8", "w4a4"):
+    for preset in ("w8a8", "w4a8", "w3a8", "w4a4"):
         q = build_layer(_choice(lin, preset), None)
         errs[preset] = float((q(x) - ref).norm() / ref.norm())
     assert errs["w8a8"] < 0.01
     assert errs["w8a8"] < errs["w4a8"] < errs["w4a4"] < 0.3
-    q3 = build_layer(_choice(lin, "w3a8"), None)
-    assert errs["w4a8"] < float((q3(x) - ref).norm() / ref.norm()) < 0.3
+    assert errs["w4a8"] < errs["w3a8"] < 0.3  # one weight bit fewer, same activations
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("int8", "channel"), QuantSpec("int4", "group", 32, "fp16"),

@@ -13,7 +13,7 @@ from diffq.errors import CalibrationError, CheckpointError, RecipeError
 from diffq.generation import generate
 from diffq.modules import QuantConv2d, QuantLinear
 from diffq.pipelines.testing import tiny_pipeline
-from diffq.sensitivity_analysis import DENSE, SensitivityTable, group_layers, sensitivity
+from diffq.sensitivity_analysis import CONDITIONING_JUDGES, DENSE, SensitivityTable, group_layers, sensitivity
 
 PROMPTS = ["a photo of a cat", "a red car"]
 KW = {"prompts": PROMPTS, "candidates": ("w8a8", "w4a8"), "num_inference_steps": 2, "guidance_scale": 5.0,
@@ -52,9 +52,11 @@ def test_table_measures_every_unit_and_candidate(cached, pipe):
     assert table.meta["computed"] == table.meta["evaluations"] == 2 * len(table.units)
     assert table.candidates == [DENSE, "w8a8", "w4a8"]
     assert set(table.metrics) == {"quality", "alignment"}
+    # default judges: every unit by both metrics; the MixDQ-style map restricts alignment
+    assert all(table.judged_by(u) == ("quality", "alignment") for u in table.units)
     xa = [u for u in table.units if u.endswith(":cross_attn")]
-    assert xa and all(table.judged_by(u) == ("quality", "alignment") for u in xa)
-    assert table.judged_by("mid_block.resnets.0:resblock_conv") == ("quality",)
+    assert xa and all(table.judged_by(u, CONDITIONING_JUDGES) == ("quality", "alignment") for u in xa)
+    assert table.judged_by("mid_block.resnets.0:resblock_conv", CONDITIONING_JUDGES) == ("quality",)
     for u in table.units:
         assert table.raw["quality"][u][DENSE] == 0.0
         assert all(v >= 0 for v in table.raw["quality"][u].values())  # 1 - SSIM
@@ -130,6 +132,10 @@ def test_plan_quantizes_with_mixed_recipe(cached, tmp_path):
     table, _ = cached
     fresh = tiny_pipeline("sd")
     uni = uniform_plan(table, fresh.unet, "w4a8")
+    # without the preset's skip rules every analysed layer that can hold w4a8 gets it: smaller
+    every = uniform_plan(table, fresh.unet, "w4a8", skip_rules=False)
+    assert set(every.assignments.values()) == {"w4a8"}
+    assert every.realised["avg_bits"] <= uni.realised["avg_bits"]
     plan = allocate(table, budget=(uni.realised["avg_bits"] + 8.0) / 2)
     assert plan.realised["avg_bits"] <= plan.budget
     assert {"w8a8", "w4a8"} & set(plan.assignments.values())
