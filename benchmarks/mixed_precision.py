@@ -1,19 +1,24 @@
 """Metric-decoupled sensitivity + integer-programming bit allocation on the demo models.
 
-    python benchmarks/mixed_precision.py [--models digits-sd,digits-dit] [--sens-prompts 20]
-        [--eval-images 100] [--steps 20] [--groups block_role|block|none] [--extra-budgets 6.0]
+    python benchmarks/mixed_precision.py [--models digits-sd,digits-dit] [--candidates w8a8,w4a8,w3a8]
+        [--sens-prompts 50] [--eval-images 500] [--groups block_role|block|none] [--extra-budgets 4.5]
+        [--judges all|conditioning]
 
 Per model (digits-dit is skipped with a note when its assets are missing):
-1. ``diffq.sensitivity`` with candidates fp16 / w8a8 / w4a8 on ``--sens-prompts`` prompts (timed);
-2. the uniform ``w4a8`` recipe's stored bits per weight over the analysed layers (its skip rules
-   keep embeddings dense) is the budget B;
-3. ``diffq.allocate`` at B with the decoupled judges (cross-attention / conditioning layers judged by
-   alignment, the rest by quality) and with quality alone;
-4. fp, uniform w4a8, and both plans generate ``--eval-images`` images on *held-out* seeds (1000+i);
-   each is scored against the fp images: SSIM, PSNR, CLIP score (digits-clip), digit accuracy
-   (digits-clip zero-shot vs the prompt's digit) and
-   ``combined error = (1 - SSIM) + (CLIP_fp - CLIP) / CLIP_fp`` (lower is better).
-Prints a table and writes ``benchmarks/results/mixed_precision.json`` plus PNG plots.
+1. ``diffq.sensitivity`` with candidates fp16 + ``--candidates`` on ``--sens-prompts`` prompts (timed);
+2. budgets: the stored bits per weight of the uniform ``--baseline`` recipe over the analysed
+   layers, with its skip rules (embeddings / adaLN kept dense) and without them, plus
+   ``--extra-budgets``;
+3. ``diffq.allocate`` at each budget with the decoupled judges (quality and alignment, each
+   normalised on its own, judging every layer; ``--judges conditioning`` restricts alignment to
+   cross-attention / conditioning layers) and with quality alone;
+4. fp, both uniform recipes and all plans generate ``--eval-images`` images on *held-out* seeds
+   (1000+i); each is scored against the fp images: SSIM, PSNR, CLIP score (digits-clip), digit
+   accuracy (digits-clip zero-shot vs the prompt's digit) and
+   ``combined error = (1 - SSIM) + (CLIP_fp - CLIP) / CLIP_fp`` (lower is better); the decoupled
+   plan's CLIP score is compared with the quality-only plan's of the same budget image by image
+   (paired difference and its standard error).
+Prints a table and writes ``benchmarks/results/mixed_precision<tag>.json`` plus PNG plots.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CANDIDATES = ("w8a8", "w4a8")
+CANDIDATES = ("w8a8", "w4a8", "w3a8")
 
 
 def _pipe(model: str):
@@ -69,6 +74,7 @@ def evaluate(images: torch.Tensor, ref: torch.Tensor, prompts: list[str], clip, 
     acc = float((clip.classify(images) == target).float().mean())
     s = float(ssim(images, ref).mean())
     return {
+        "per_image_clip": per,
         "ssim": s, "psnr": float(psnr(images, ref).mean()), "clip_score": cs, "accuracy": acc,
         "combined_error": (1 - s) + (ref_clip - cs) / ref_clip,
         "clip_delta_se": float(delta.std() / len(delta) ** 0.5) if len(delta) > 1 else 0.0,
@@ -81,7 +87,7 @@ def run_model(model: str, args, clip) -> dict:
     from diffq.generation import generate
     from diffq.pipelines.adapters import adapter_for
     from diffq.prompts import prompt_list
-    from diffq.sensitivity_analysis import sensitivity
+    from diffq.sensitivity_analysis import CONDITIONING_JUDGES, sensitivity
     from diffq.sensitivity_plots import plot_plan, plot_sensitivity
 
     gen = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "batch_size": 50}
@@ -104,12 +110,14 @@ def run_model(model: str, args, clip) -> dict:
 
     kind = args.budget_kind
     uni = uniform_plan(table, adapter_for(pipe).denoiser(pipe), args.baseline)
-    budgets = [uni.realised[kind], *(args.extra_budgets if kind == "avg_bits" else [])]
-    plans = {f"uniform {args.baseline}": uni}
+    uni_all = uniform_plan(table, adapter_for(pipe).denoiser(pipe), args.baseline, skip_rules=False)
+    budgets = [uni.realised[kind], uni_all.realised[kind], *(args.extra_budgets if kind == "avg_bits" else [])]
+    plans = {f"uniform {args.baseline}": uni, f"uniform {args.baseline}, no skips": uni_all}
     t1 = time.perf_counter()
+    decoupled = CONDITIONING_JUDGES if args.judges == "conditioning" else {"*": ("quality", "alignment")}
     for b in budgets:
         tag = f"@{b:.3f}" if kind == "avg_bits" else f"@{b:.3g} bitops"
-        plans[f"mixed decoupled {tag}"] = allocate(table, budget=b, budget_kind=kind)
+        plans[f"mixed decoupled {tag}"] = allocate(table, budget=b, budget_kind=kind, judges=decoupled)
         plans[f"mixed quality-only {tag}"] = allocate(table, budget=b, budget_kind=kind, judges={"*": ("quality",)})
     alloc_s = (time.perf_counter() - t1) / (2 * len(budgets))
     main = next(k for k in plans if k.startswith("mixed decoupled"))
@@ -127,6 +135,16 @@ def run_model(model: str, args, clip) -> dict:
         imgs = generate(q, eval_prompts, eval_seeds, **gen)
         rows[name] = {**evaluate(imgs, ref, eval_prompts, clip, ref_scores), "avg_bits": plan.realised["avg_bits"],
                       "nominal_bits": plan.realised["nominal_bits"]}
+    # The question "does the decoupled plan keep more text alignment than the quality-only plan" is
+    # answered by the paired per-image CLIP difference of the two plans (same seeds), with its SE.
+    for name, row in rows.items():
+        other = rows.get(name.replace("decoupled", "quality-only"))
+        if name.startswith("mixed decoupled") and other is not None:
+            d = row["per_image_clip"] - other["per_image_clip"]
+            row["clip_vs_quality_only"] = float(d.mean())
+            row["clip_vs_quality_only_se"] = float(d.std() / len(d) ** 0.5)
+    for r in rows.values():
+        r.pop("per_image_clip")
     return {
         "model": model, "sensitivity_seconds": sens_s, "sensitivity_cpu_seconds": sens_cpu, "sensitivity_evaluations": table.meta["evaluations"],
         "sensitivity_computed": table.meta["computed"], "units": len(table.units), "layers": len(table.layers),
@@ -139,17 +157,20 @@ def run_model(model: str, args, clip) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="digits-sd,digits-dit")
-    ap.add_argument("--sens-prompts", type=int, default=20)
-    ap.add_argument("--eval-images", type=int, default=100)
+    ap.add_argument("--sens-prompts", type=int, default=50)
+    ap.add_argument("--eval-images", type=int, default=500)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated presets to choose from")
     ap.add_argument("--baseline", default="w4a8", help="uniform preset whose cost is the budget")
     ap.add_argument("--alignment", default="clip", choices=["clip", "contrastive"],
                     help="alignment metric of the sensitivity analysis (evaluation always reports CLIP score)")
+    ap.add_argument("--judges", default="all", choices=["all", "conditioning"],
+                    help="decoupled plan: alignment judges every layer (the default judges) or only "
+                         "cross-attention / conditioning layers; quality judges every layer either way")
     ap.add_argument("--budget-kind", default="avg_bits", choices=["avg_bits", "bitops"])
     ap.add_argument("--groups", default="block_role", choices=["none", "block", "block_role"])
-    ap.add_argument("--extra-budgets", type=float, nargs="*", default=[6.0])
+    ap.add_argument("--extra-budgets", type=float, nargs="*", default=[4.5])
     ap.add_argument("--tag", default="", help="suffix of the result files, e.g. _bitops")
     ap.add_argument("--json", default=None, help="default: benchmarks/results/mixed_precision<tag>.json")
     ap.add_argument("--threads", type=int, default=1,
@@ -189,6 +210,10 @@ def main() -> None:
             print(f"{name:34} {r['avg_bits']:8.3f} {r['nominal_bits']:7.2f} {r['ssim']:6.3f} {r['psnr']:6.2f} "
                   f"{r['clip_score']:6.2f} {r['accuracy']:6.3f} {r['combined_error']:8.4f} "
                   f"{r['clip_delta_se']:7.3f}")
+        for name, r in res["rows"].items():
+            if "clip_vs_quality_only" in r:
+                print(f"{name}: CLIP vs the quality-only plan {r['clip_vs_quality_only']:+.3f} "
+                      f"(paired SE {r['clip_vs_quality_only_se']:.3f})")
         print(res["plan_summary"])
     write_json_atomic(args.json, out)
     print(f"\nwrote {args.json}")
