@@ -56,8 +56,9 @@ def run_model(model: str, presets: list[str], n: int, clip) -> dict:
                    "clip_change_se": float(d.std() / n**0.5),
                    "accuracy": float((clip.classify(imgs) == target).float().mean())}
             out["rows"].append(row)
-            print(f"{model:10} {preset:6} {role:14} layers {row['layers']:3d}  1-SSIM {row['one_minus_ssim']:.4f}  "
-                  f"CLIP {row['clip_change']:+.2f} ± {row['clip_change_se']:.2f}  acc {row['accuracy']:.3f}", flush=True)
+            print(f"{model:10} {preset:6} {role:14} layers {row['layers']:3d}  "
+                  f"1-SSIM {row['one_minus_ssim']:.4f}  CLIP {row['clip_change']:+.2f} ± "
+                  f"{row['clip_change_se']:.2f}  acc {row['accuracy']:.3f}", flush=True)
     return out
 
 
@@ -78,7 +79,8 @@ def main() -> None:
     clip = digits_clip()
     res = {"command": "python benchmarks/role_sensitivity.py " + " ".join(
                f"--{k} {v}" for k, v in vars(args).items() if k != "json"),
-           "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
+           "machine": f"{platform.processor() or platform.machine()}, "
+                      f"torch threads {torch.get_num_threads()}",
            "models": [run_model(m.strip(), args.presets.split(","), args.images, clip)
                       for m in args.models.split(",") if m.strip()]}
     write_json_atomic(args.json, res)

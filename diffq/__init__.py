@@ -30,7 +30,8 @@ _LAZY = {
     "BitPlan": ("diffq.allocation", "BitPlan"),
 }
 
-__all__ = ["DiffqError", "__version__", *_LAZY]
+__all__ = ["DiffqError", "__version__"]
+__all__ += list(_LAZY)
 
 
 def __getattr__(name: str):

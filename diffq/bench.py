@@ -190,7 +190,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     prompts = [p for p in base for _ in range(cfg.images_per_prompt)]
     seeds = [cfg.seed + i for i in range(len(prompts))]
     guidance = cfg.guidance if cfg.guidance is not None else _default_guidance(cfg.model)
-    gen_kw = dict(num_inference_steps=steps, guidance_scale=guidance, batch_size=cfg.batch_size)
+    gen_kw = {"num_inference_steps": steps, "guidance_scale": guidance, "batch_size": cfg.batch_size}
     judge = Judge(cfg.model)
     notes = []
     ref = generate(pipe, prompts, seeds, progress=cfg.progress, desc="generate fp", **gen_kw)
@@ -227,7 +227,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                     p, fid_prompts, list(range(50_000, 50_000 + fid_n)), desc=f"fid {name}", **gen_kw)
                 res.fid = judge.fid(fake[:fid_n])
         reset_peak(cuda)
-        tm = time_call(lambda: generate(p, prompts[:1], seeds[:1], **gen_kw), repeats=cfg.repeats, cuda=cuda)
+        tm = time_call(lambda p=p: generate(p, prompts[:1], seeds[:1], **gen_kw), repeats=cfg.repeats, cuda=cuda)
         res.latency_s, res.latency_spread_s = tm.median_s, tm.spread_s
         res.step_ms = tm.median_s / steps * 1000
         res.peak_memory_bytes = peak_memory_bytes(cuda)
@@ -283,7 +283,7 @@ def evaluate_checkpoint(model: str, checkpoint: str, *, prompts: str = "digits",
     steps = steps or _default_steps(model)
     ps = prompt_list(prompts, num_prompts)
     seeds = list(range(len(ps)))
-    kw = dict(num_inference_steps=steps, guidance_scale=guidance)
+    kw = {"num_inference_steps": steps, "guidance_scale": guidance}
     ref = generate(base, ps, seeds, progress=progress, desc="generate fp", **kw)
     imgs = generate(q, ps, seeds, progress=progress, desc="generate quantized", **kw)
     judge = Judge(model)

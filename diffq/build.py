@@ -74,7 +74,7 @@ def build_layer(
     q = quantize(w, choice.weight, clip_ratio=ratio)
     act = build_act_quantizer(choice, recipe, stats, splits)
     bias = None if mod.bias is None else mod.bias.detach()
-    common = dict(bias=bias, act=act, lr_down=lr_down, lr_up=lr_up, smooth=smooth, dtype=dtype)
+    common = {"bias": bias, "act": act, "lr_down": lr_down, "lr_up": lr_up, "smooth": smooth, "dtype": dtype}
     if isinstance(mod, nn.Conv2d):
         new = QuantConv2d(
             q, in_channels=cin, kernel_size=mod.kernel_size, stride=mod.stride, padding=mod.padding,

@@ -215,8 +215,8 @@ def _rebuild(info: dict, buf: dict[str, torch.Tensor]) -> QuantLinear | QuantCon
         dtype = getattr(torch, str(info["dtype"]), None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise CheckpointError(f"layer compute dtype {info['dtype']!r} is not a floating-point torch dtype")
-        common = dict(bias=buf.get("bias"), act=act, lr_down=buf.get("lr_down"), lr_up=buf.get("lr_up"),
-                      smooth=buf.get("smooth"), dtype=dtype)
+        common = {"bias": buf.get("bias"), "act": act, "lr_down": buf.get("lr_down"),
+                  "lr_up": buf.get("lr_up"), "smooth": buf.get("smooth"), "dtype": dtype}
         if info["kind"] == "conv":
             pad = info["padding"]
             return QuantConv2d(q, in_channels=k_in, kernel_size=tuple(ksz), stride=tuple(info["stride"]),

@@ -39,9 +39,9 @@ def run_demo(out: str | Path = "runs/demo", models: list[str] | None = None, rec
 
 def write_demo_report(out: Path, results: list[BenchResult]) -> None:
     md = ["# diffq demo report", "",
-          "Each model is quantized with every preset; images use the same prompts and seeds as full precision "
-          "(the `fp` column: the model as loaded, float32 on CPU). PSNR/SSIM compare with full precision; CLIP score and digit accuracy use the "
-          "digits-clip judge.", ""]
+          ("Each model is quantized with every preset; images use the same prompts and seeds as full "
+           "precision (the `fp` column: the model as loaded, float32 on CPU). PSNR/SSIM compare with full "
+           "precision; CLIP score and digit accuracy use the digits-clip judge."), ""]
     body = ["<h1>diffq demo report</h1>", f"<p>{html.escape(md[2])}</p>"]
     for res in results:
         rel = Path(res.out).name

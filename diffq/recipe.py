@@ -8,6 +8,7 @@ the CLI, Python and config files all build the same object. Presets live in :mod
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ class Recipe:
                 bad(k, "an integer")
         for k in ("group_threshold", "percentile"):
             v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
                 bad(k, "a number")
         if self.smooth_alpha is not None and (
             isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float))

@@ -101,7 +101,8 @@ def choose_layers(denoiser: nn.Module, recipe: Recipe, plan: dict[str, str] | No
         fitted_a = fit_group(a, cin)
         ch.act = fitted_a if fitted_a is not None or a is None else _row_spec(a, True)
         if ch.weight is not None and ch.weight.packed and cin % pack_multiple(ch.weight.bits):
-            ch.skip = f"input width {cin} cannot be bit-packed at {ch.weight.bits} bits (needs a multiple of {pack_multiple(ch.weight.bits)})"
+            m = pack_multiple(ch.weight.bits)
+            ch.skip = f"input width {cin} cannot be bit-packed at {ch.weight.bits} bits (needs a multiple of {m})"
             continue
         ch.rank = layer_recipe.rank
         ch.smooth_alpha = layer_recipe.smooth_alpha

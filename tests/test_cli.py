@@ -46,5 +46,5 @@ def test_quantize_then_inspect(tmp_path, capsys):
 
 def test_debug_shows_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "diffq.cli", "inspect", str(tmp_path), "--debug"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, check=False)
     assert r.returncode != 0 and "Traceback" in r.stderr

@@ -258,7 +258,7 @@ def test_coarse_to_fine_mse_clip_is_within_half_a_percent_of_exhaustive_search(s
     g = torch.Generator().manual_seed(0)
     w = torch.randn(128, 256, generator=g) * torch.rand(128, 1, generator=g)
     w[0, 3] = 20.0  # an outlier row, where clipping matters most
-    err = lambda r: _per_group((dequantize(quantize(w, spec, clip_ratio=r)) - w).pow(2), spec)  # noqa: E731
+    err = lambda r: _per_group((dequantize(quantize(w, spec, clip_ratio=r)) - w).pow(2), spec)
     exhaustive = torch.stack([err(r) for r in MSE_GRID]).amin(0)
     fast = err(mse_clip_ratio(w, spec))
     assert float(fast.sum()) <= 1.005 * float(exhaustive.sum())

@@ -61,7 +61,7 @@ def test_lora_changes_quantized_pipeline_like_full_precision():
             lora[f"unet.{n}.lora_A.weight"] = torch.randn(4, m.in_features) * 0.6
             lora[f"unet.{n}.lora_B.weight"] = torch.randn(m.out_features, 4) * 0.6
     assert lora
-    prompts, seeds, kw = ["a cat", "a dog"], [0, 1], dict(num_inference_steps=4)
+    prompts, seeds, kw = ["a cat", "a dog"], [0, 1], {"num_inference_steps": 4}
     fp0 = generate(pipe, prompts, seeds, **kw)
     fp = copy.deepcopy(pipe)
     load_lora(fp, lora)

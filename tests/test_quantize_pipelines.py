@@ -100,7 +100,7 @@ def test_save_load_bit_identical(tmp_path, calibrated):
 
 
 def test_load_refuses_other_base_and_corruption(tmp_path, calibrated):
-    pipe, stats, _ = calibrated("sd")
+    pipe, _stats, _ = calibrated("sd")
     p = copy.deepcopy(pipe)
     diffq.quantize(p, "w8a8", progress=False)
     diffq.save(p, tmp_path / "ck")
@@ -118,7 +118,7 @@ def test_load_refuses_other_base_and_corruption(tmp_path, calibrated):
 
 
 def test_calibration_stats_round_trip(tmp_path, calibrated):
-    pipe, stats, _ = calibrated("sdxl")
+    _pipe, stats, _ = calibrated("sdxl")
     stats.save(tmp_path / "s.safetensors")
     back = CalibrationStats.load(tmp_path / "s.safetensors")
     assert back.step_buckets == stats.step_buckets and back.splits == stats.splits
@@ -131,7 +131,7 @@ def test_calibration_stats_round_trip(tmp_path, calibrated):
 
 
 def test_timestep_groups_lower_activation_mse_than_one_static_range(calibrated):
-    pipe, stats, _ = calibrated("sd")
+    _pipe, stats, _ = calibrated("sd")
     for bits in (8, 4):
         grouped = sum(grouping_mse(stats, n, bits, groups=None, threshold=0.05) for n in stats.layers)
         static = sum(grouping_mse(stats, n, bits, groups=1) for n in stats.layers)
@@ -150,7 +150,7 @@ def test_split_shortcut_found_for_unet_up_blocks(calibrated):
 
 
 def test_errors_name_the_fix(calibrated):
-    pipe, stats, _ = calibrated("sd")
+    pipe, _stats, _ = calibrated("sd")
     with pytest.raises(CalibrationError, match="at least one prompt"):
         calibrate(pipe, [], num_inference_steps=2)
     with pytest.raises(RecipeError, match="unknown preset"):

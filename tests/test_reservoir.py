@@ -65,7 +65,8 @@ def test_interrupted_calibration_with_reservoir_resumes_bit_identically(tmp_path
     import diffq.calibration.run as run_mod
 
     pipe = tiny_pipeline("sd")
-    prompts, kw = ["a cat", "a dog", "a bird"], dict(num_inference_steps=2, batch_size=1, reservoir=8, progress=False)
+    prompts = ["a cat", "a dog", "a bird"]
+    kw = {"num_inference_steps": 2, "batch_size": 1, "reservoir": 8, "progress": False}
     full = calibrate(pipe, prompts, **kw)
     real_generate, calls = run_mod.generate, {"n": 0}
 

@@ -55,7 +55,9 @@ def pack_multiple(bits: int) -> int:
 
 def _check_bits(bits: int) -> None:
     if not isinstance(bits, int) or not 2 <= bits <= 7:
-        raise FormatError(f"sub-byte packing takes 2..7 bits, got {bits!r}; 8-bit codes are stored as they are")
+        raise FormatError(
+            f"sub-byte packing takes 2..7 bits, got {bits!r}; 8-bit codes are stored as they are"
+        )
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -76,7 +78,9 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         lo, hi = int(codes.min()), int(codes.max())
         half = 1 << (bits - 1)
         if lo < -half or hi > 2 * half - 1 or (lo < 0 and hi > half - 1):
-            raise FormatError(f"{bits}-bit codes must lie in [{-half}, {half - 1}] or [0, {2 * half - 1}], got [{lo}, {hi}]")
+            raise FormatError(
+                f"{bits}-bit codes must lie in [{-half}, {half - 1}] or [0, {2 * half - 1}], got [{lo}, {hi}]"
+            )
     c = codes.to(torch.int64) & ((1 << bits) - 1)
     # Each run of m codes is m * bits bits = m * bits / 8 whole bytes: build it as one integer.
     c = c.reshape(*codes.shape[:-1], k // m, m)
@@ -98,7 +102,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, *, signed: bool = True) -> torc
     m = pack_multiple(bits)
     nbytes = m * bits // 8
     if packed.shape[-1] % nbytes:
-        raise FormatError(f"{bits}-bit packed rows are multiples of {nbytes} bytes, got {tuple(packed.shape)}")
+        raise FormatError(
+            f"{bits}-bit packed rows are multiples of {nbytes} bytes, got {tuple(packed.shape)}"
+        )
     p = packed.to(torch.int64).reshape(*packed.shape[:-1], packed.shape[-1] // nbytes, nbytes)
     byte_shifts = torch.arange(nbytes, dtype=torch.int64, device=packed.device) * 8
     word = (p << byte_shifts).sum(-1)
