@@ -283,20 +283,7 @@ def w8a8_linear(
 ) -> torch.Tensor:
     """int8 x int8: x [..., K] quantized per token (dynamic, or static scalar ``act_scale``;
     after ``x / smooth`` when given), int8 qweight [N, K] with wscale [N, 1] -> [..., N] x.dtype."""
-    fn = "w8a8_linear"
-    x2, lead = _check_x(fn, x)
-    n = _check_8bit_weight(fn, x2, qweight, wscale, torch.int8)
-    bias = _check_bias(fn, x2, bias, n)
-    act_scale = _check_act_scale(fn, x2, act_scale)
-    smooth = _check_smooth(fn, x2, smooth)
-    if _resolve(fn, "w8a8", backend, x2, None) == "reference":
-        return _restore(ref.w8a8(x2, qweight, wscale, bias, act_scale=act_scale, smooth=smooth), lead)
-    from diffq.kernels.act_quant import quantize_rows
-    from diffq.kernels.w8a8 import w8a8_gemm_triton
-
-    xq, xs = quantize_rows(x2, fmt="int8", act_scale=act_scale, smooth=smooth)
-    y = w8a8_gemm_triton(xq, xs, qweight.contiguous(), wscale.reshape(-1).contiguous(), bias, x2.dtype)
-    return _restore(y, lead)
+    return _row_scaled_linear("w8a8_linear", "w8a8", x, qweight, wscale, bias, act_scale, smooth, backend)
 
 
 def w4a8_linear(
@@ -463,26 +450,35 @@ def fp8_linear(
     backend "auto": Triton on sm_89+ GPUs, reference elsewhere; "scaled_mm": the activation
     kernel + ``torch._scaled_mm`` (cuBLASLt), which needs K, N multiples of 16 and a 16-bit x.
     """
-    fn = "fp8_linear"
+    return _row_scaled_linear("fp8_linear", "fp8", x, qweight, wscale, bias, act_scale, smooth, backend)
+
+
+def _row_scaled_linear(
+    fn: str, kind: str, x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None,
+    act_scale: torch.Tensor | None, smooth: torch.Tensor | None, backend: str,
+) -> torch.Tensor:
+    """The one body of :func:`w8a8_linear` (kind "w8a8") and :func:`fp8_linear` (kind "fp8"):
+    per-token activations x per-channel weights, differing only in the 8-bit format."""
+    fp8 = kind == "fp8"
     x2, lead = _check_x(fn, x)
-    n = _check_8bit_weight(fn, x2, qweight, wscale, torch.float8_e4m3fn)
+    n = _check_8bit_weight(fn, x2, qweight, wscale, torch.float8_e4m3fn if fp8 else torch.int8)
     bias = _check_bias(fn, x2, bias, n)
     act_scale = _check_act_scale(fn, x2, act_scale)
     smooth = _check_smooth(fn, x2, smooth)
-    choice = _resolve(fn, "fp8", backend, x2, None, extra=("scaled_mm",))
+    choice = _resolve(fn, kind, backend, x2, None, extra=("scaled_mm",) if fp8 else ())
     if choice == "reference":
-        return _restore(ref.fp8(x2, qweight, wscale, bias, act_scale=act_scale, smooth=smooth), lead)
+        reference = ref.fp8 if fp8 else ref.w8a8
+        return _restore(reference(x2, qweight, wscale, bias, act_scale=act_scale, smooth=smooth), lead)
+    if choice == "scaled_mm" and not x2.is_cuda:
+        raise KernelUnavailableError(f"{fn}: backend='scaled_mm' needs a CUDA tensor, got {x2.device}")
+    from diffq.kernels.act_quant import quantize_rows
+
+    xq, xs = quantize_rows(x2, fmt="fp8" if fp8 else "int8", act_scale=act_scale, smooth=smooth)
     if choice == "scaled_mm":
-        if not x2.is_cuda:
-            raise KernelUnavailableError(f"{fn}: backend='scaled_mm' needs a CUDA tensor, got {x2.device}")
-        from diffq.kernels.act_quant import quantize_rows
         from diffq.kernels.fp8 import fp8_scaled_mm
 
-        xq, xs = quantize_rows(x2, fmt="fp8", act_scale=act_scale, smooth=smooth)
         return _restore(fp8_scaled_mm(xq, xs, qweight.contiguous(), wscale, bias, x2.dtype), lead)
-    from diffq.kernels.act_quant import quantize_rows
-    from diffq.kernels.fp8 import fp8_gemm_triton
+    from diffq.kernels.w8a8 import launch_row_scaled_gemm
 
-    xq, xs = quantize_rows(x2, fmt="fp8", act_scale=act_scale, smooth=smooth)
-    y = fp8_gemm_triton(xq, xs, qweight.contiguous(), wscale.reshape(-1).contiguous(), bias, x2.dtype)
+    y = launch_row_scaled_gemm(kind, xq, xs, qweight.contiguous(), wscale.reshape(-1).contiguous(), bias, x2.dtype)
     return _restore(y, lead)

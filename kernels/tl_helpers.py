@@ -103,3 +103,34 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def contiguous_range(BLOCK: tl.constexpr):
+    """``tl.arange(0, BLOCK)`` with the contiguity and alignment hints that let loads vectorise."""
+    return tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK), BLOCK), BLOCK)
+
+
+@triton.jit
+def wrapped_rows_cols(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row [BLOCK_M] and column [BLOCK_N] indices of a tile, wrapped modulo M and N so that edge
+    tiles read valid memory; their extra rows and columns are masked in :func:`store_tile`."""
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    return rm, rn
+
+
+@triton.jit
+def store_tile(
+    y_ptr, acc, b_ptr, rn, pid_m, pid_n, M, N, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The epilogue of every GEMM here: fp32 ``acc`` [BLOCK_M, BLOCK_N] (+ ``bias[rn]``) -> the
+    tile's rows and columns of y [M, N] in y's dtype; rows >= M and columns >= N are masked."""
+    if HAS_BIAS:
+        acc = acc + tl.load(b_ptr + rn).to(tl.float32)[None, :]
+    om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (om[:, None] < M) & (on[None, :] < N)
+    out = to_output(acc, y_ptr.dtype.element_ty)
+    tl.store(y_ptr + om.to(tl.int64)[:, None] * stride_ym + on[None, :], out, mask=mask)

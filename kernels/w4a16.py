@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from diffq.kernels.autotune import is_interpreted, launch, m_bucket
-from diffq.kernels.tl_helpers import tile_ids, to_output, unpack_int4
+from diffq.kernels.tl_helpers import contiguous_range, store_tile, tile_ids, unpack_int4, wrapped_rows_cols
 
 
 @triton.jit
@@ -32,11 +32,9 @@ def _w4a16_kernel(
     interpreter, which has no bf16 matmul); otherwise the dequantized weight is cast to x.dtype.
     """
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    # out-of-range rows/cols are wrapped (read valid memory) and masked only at the store
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    rk = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
-    rkh = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_K // 2), BLOCK_K // 2), BLOCK_K // 2)
+    rm, rn = wrapped_rows_cols(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    rk = contiguous_range(BLOCK_K)
+    rkh = contiguous_range(BLOCK_K // 2)
     x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :]
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rkh[None, :]
     s_ptrs = ws_ptr + rn.to(tl.int64) * stride_sn
@@ -52,12 +50,7 @@ def _w4a16_kernel(
                 acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K // 2
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
-    om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (om[:, None] < M) & (on[None, :] < N)
-    tl.store(y_ptr + om.to(tl.int64)[:, None] * stride_ym + on[None, :], to_output(acc, y_ptr.dtype.element_ty), mask=mask)
+    store_tile(y_ptr, acc, b_ptr, rn, pid_m, pid_n, M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
 def w4a16_triton(

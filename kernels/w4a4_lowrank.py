@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from diffq.kernels.autotune import is_interpreted, launch, m_bucket
-from diffq.kernels.tl_helpers import tile_ids, to_output, unpack_int4
+from diffq.kernels.tl_helpers import contiguous_range, store_tile, tile_ids, unpack_int4, wrapped_rows_cols
 
 
 @triton.jit
@@ -32,9 +32,8 @@ def _w4a4_kernel(
     """xq packed uint8 [M, K//2], xs fp32 [M, K//G], w packed uint8 [N, K//2], ws [N, K//G],
     down fp32 [M, R], l2 [R, N] (fp16/bf16/fp32) -> y [M, N]."""
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    rkh = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_K // 2), BLOCK_K // 2), BLOCK_K // 2)
+    rm, rn = wrapped_rows_cols(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    rkh = contiguous_range(BLOCK_K // 2)
     rows = rm.to(tl.int64)
     cols = rn.to(tl.int64)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + rkh[None, :]
@@ -60,12 +59,7 @@ def _w4a4_kernel(
             acc = tl.dot(d, up.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(d.to(up.dtype), up, acc)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
-    om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (om[:, None] < M) & (on[None, :] < N)
-    tl.store(y_ptr + om.to(tl.int64)[:, None] * stride_ym + on[None, :], to_output(acc, y_ptr.dtype.element_ty), mask=mask)
+    store_tile(y_ptr, acc, b_ptr, rn, pid_m, pid_n, M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
 def w4a4_gemm_triton(

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from diffq.kernels.autotune import launch, m_bucket
-from diffq.kernels.tl_helpers import tile_ids, to_output, unpack_int4
+from diffq.kernels.tl_helpers import contiguous_range, store_tile, tile_ids, unpack_int4, wrapped_rows_cols
 
 
 @triton.jit
@@ -28,10 +28,9 @@ def _w4a8_kernel(
 ):  # fmt: skip
     """xq int8 [M, K], xs fp32 [M], w packed uint8 [N, K//2], ws [N, K//G] -> y [M, N]."""
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    rk = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
-    rkh = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_K // 2), BLOCK_K // 2), BLOCK_K // 2)
+    rm, rn = wrapped_rows_cols(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    rk = contiguous_range(BLOCK_K)
+    rkh = contiguous_range(BLOCK_K // 2)
     x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :]
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rkh[None, :]
     s_ptrs = ws_ptr + rn.to(tl.int64) * stride_sn
@@ -48,12 +47,7 @@ def _w4a8_kernel(
         acc += part.to(tl.float32) * sw[None, :]
     sx = tl.load(xs_ptr + rm)
     out = acc * sx[:, None]
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rn).to(tl.float32)[None, :]
-    om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (om[:, None] < M) & (on[None, :] < N)
-    tl.store(y_ptr + om.to(tl.int64)[:, None] * stride_ym + on[None, :], to_output(out, y_ptr.dtype.element_ty), mask=mask)
+    store_tile(y_ptr, out, b_ptr, rn, pid_m, pid_n, M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
 def w4a8_gemm_triton(
