@@ -197,12 +197,18 @@ def is_interpreted(kernel: Any) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
-def launch(kernel: Any, kind: str, grid: Callable[[dict[str, Any]], tuple[int, ...]], **args: Any) -> None:
-    """Run a GEMM ``kernel`` of ``kind`` with tuned tiles (CUDA) or interpreter tiles.
+def launch(kernel: Any, kind: str, **args: Any) -> None:
+    """Run a GEMM ``kernel`` of ``kind`` with tuned tiles (CUDA) or interpreter tiles, one program
+    per (BLOCK_M x BLOCK_N) output tile on a 1-D grid (the kernels swizzle it with ``tile_ids``).
 
     ``args`` must hold every kernel argument by name, including ``M``, ``N``, ``K``, ``G``
     (group size, 0 when the kernel has none) and ``M_BUCKET``.
     """
+    m, n = int(args["M"]), int(args["N"])
+
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
     if is_interpreted(kernel):
         tile = INTERPRETER_TILES[kind]
         g = args.get("G") or 0

@@ -64,11 +64,8 @@ def w4a16_triton(
         return y
     f32 = is_interpreted(_w4a16_kernel) or x2.dtype == torch.float32
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
     launch(
-        _w4a16_kernel, "w4a16", grid,
+        _w4a16_kernel, "w4a16",
         x_ptr=x2, w_ptr=qweight, ws_ptr=wscale, b_ptr=bias if bias is not None else wscale, y_ptr=y,
         M=m, N=n, K=k, M_BUCKET=m_bucket(m),
         stride_xm=x2.stride(0), stride_wn=qweight.stride(0), stride_sn=wscale.stride(0), stride_ym=y.stride(0),

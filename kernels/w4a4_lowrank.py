@@ -85,11 +85,8 @@ def w4a4_gemm_triton(
     r = down.shape[1] if has_lr else 0
     lr_f32 = is_interpreted(_w4a4_kernel) or (has_lr and lr_up.dtype == torch.float32)
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
     launch(
-        _w4a4_kernel, "w4a4", grid,
+        _w4a4_kernel, "w4a4",
         x_ptr=xq, xs_ptr=xscale, w_ptr=qweight, ws_ptr=wscale,
         d_ptr=down if has_lr else xscale, l2_ptr=lr_up if has_lr else wscale,
         b_ptr=bias if bias is not None else wscale, y_ptr=y,

@@ -66,11 +66,8 @@ def launch_row_scaled_gemm(
     if m == 0:
         return y
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
     launch(
-        _row_scaled_kernel, kind, grid,
+        _row_scaled_kernel, kind,
         x_ptr=xq, xs_ptr=xscale, w_ptr=qweight, ws_ptr=wscale, b_ptr=bias if bias is not None else wscale,
         y_ptr=y, M=m, N=n, K=k, M_BUCKET=m_bucket(m),
         stride_xm=xq.stride(0), stride_wn=qweight.stride(0), stride_ym=y.stride(0),
