@@ -28,41 +28,19 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import math
-import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
+from model_configs import FLUX_DIT, SD15_UNET, SDXL_UNET  # benchmarks/ is the script's directory
 
 import diffq
+from diffq.io import write_json_atomic
+from diffq.timing import device_name
 
-SD15_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 768, "attention_head_dim": 8,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "norm_num_groups": 32,
-}  # fmt: skip
-SDXL_UNET = {
-    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280), "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20),
-    "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), "norm_num_groups": 32,
-}  # fmt: skip
-FLUX_DIT = {
-    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
-    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}  # fmt: skip
 TEXT_TOKENS = {"sd15": 77, "sdxl": 77, "flux": 512}
 DEFAULT_PRESETS = "w8a8,w4a8,w4a16,w4a4,w4a4-svd,fp8,fp4"
 
@@ -81,21 +59,6 @@ class StableDiffusionXLPipelineDenoiserOnly(StableDiffusionPipelineDenoiserOnly)
 class FluxPipelineDenoiserOnly:
     def __init__(self, transformer):
         self.transformer = transformer
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def write_json_atomic(path: str | Path, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _c(c: int, f: float) -> int:

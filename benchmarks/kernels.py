@@ -34,17 +34,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import platform
-import statistics
 import sys
-import tempfile
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
+
+from diffq.io import write_json_atomic
+from diffq.timing import device_name, time_call
 
 # (model, layer, tokens at batch 1, K = in features, N = out features)
 SHAPES: list[tuple[str, str, int, int, int]] = [
@@ -129,17 +125,6 @@ def bytes_moved(kernel: str, m: int, k: int, n: int, out_bytes: int = 2) -> int:
     raise ValueError(kernel)
 
 
-def _time_cpu(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
-
-
 def _time_cuda(fn, reps: int) -> float:
     import triton.testing
 
@@ -201,7 +186,7 @@ def run(shapes, batches, reps: int, progress: bool = True) -> list[Row]:
     for i, ((model, layer, tokens, k, n), b) in enumerate(todo):
         m = tokens * b
         base, fns = _cuda_kernels(m, k, n) if on_gpu else _cpu_kernels(m, k, n)
-        timer = (lambda f: _time_cuda(f, reps)) if on_gpu else (lambda f: _time_cpu(f, reps))
+        timer = (lambda f: _time_cuda(f, reps)) if on_gpu else (lambda f: time_call(f, repeats=reps).median_s * 1e3)
         times = {}
         for name, fn in fns.items():
             try:
@@ -231,21 +216,6 @@ def print_table(rows: list[Row]) -> None:
             f"{r.model:6s} {r.layer:26s} {r.batch:1d} {f'{r.M}x{r.K}x{r.N}':>17s} {r.kernel:13s} {r.ms:9.3f} "
             f"{r.tflops:8.3f} {r.speedup:6.2f}x {r.bytes / 1e6:9.2f} {r.gbps:7.1f}"
         )
-
-
-def write_json_atomic(path: str | Path, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,19 +16,11 @@ import time
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from model_configs import SD15_UNET  # benchmarks/ is the script's directory, hence on sys.path
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import diffq
 from diffq.pipelines.tiny_tokenizers import CLIP_SPECIAL_IDS, clip_style_tokenizer, vocab_size
-
-# runwayml/stable-diffusion-v1-5 unet/config.json (the values that set layer shapes)
-SD15_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 768, "attention_head_dim": 8,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "norm_num_groups": 32,
-}
 
 
 def sd15_size_pipeline() -> StableDiffusionPipeline:

@@ -7,6 +7,7 @@ the denoiser's own bytes are reported separately and are the number to compare t
 
 from __future__ import annotations
 
+import platform
 import resource
 import statistics
 import time
@@ -57,3 +58,10 @@ def peak_memory_bytes(cuda: bool = False) -> int:
 def reset_peak(cuda: bool = False) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+
+
+def device_name() -> str:
+    """The GPU's name, or the CPU and its torch thread count: the "where it ran" of a figure."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
