@@ -27,7 +27,7 @@ from diffq.kernels.dispatch import (
     w4a16_linear,
     w8a8_linear,
 )
-from diffq.kernels.modules import fused_forward, kernel_kind
+from diffq.kernels.layer_dispatch import fused_forward, kernel_kind
 
 __all__ = [
     "KernelUnavailableError",

@@ -165,7 +165,7 @@ def _check_lowrank(
 def _triton_state() -> tuple[bool, bool, str]:
     """(importable, interpreted, why-not) for the Triton kernels."""
     try:
-        from diffq.kernels.act_quant import _act_rows_kernel
+        from diffq.kernels.activation_kernels import _act_rows_kernel
         from diffq.kernels.autotune import is_interpreted
     except Exception as e:  # noqa: BLE001  (ImportError, or a Triton that cannot initialise)
         return False, False, f"Triton kernels cannot be imported ({type(e).__name__}: {e})"
@@ -266,7 +266,7 @@ def quantize_act_per_token(
         if fmt == "fp8":
             return ref.quantize_act_fp8(x2, act_scale=act_scale, smooth=smooth)
         return ref.quantize_act_int(x2, 8, None, act_scale=act_scale, smooth=smooth)
-    from diffq.kernels.act_quant import quantize_rows
+    from diffq.kernels.activation_kernels import quantize_rows
 
     return quantize_rows(x2, fmt=fmt, act_scale=act_scale, smooth=smooth)
 
@@ -308,7 +308,7 @@ def w4a8_linear(
     if _resolve(fn, "w4a8", backend, x2, group_size) == "reference":
         y = ref.w4a8(x2, qweight, wscale, group_size, bias, act_scale=act_scale, smooth=smooth)
         return _restore(y, lead)
-    from diffq.kernels.act_quant import quantize_rows
+    from diffq.kernels.activation_kernels import quantize_rows
     from diffq.kernels.w4a8 import w4a8_gemm_triton
 
     xq, xs = quantize_rows(x2, fmt="int8", act_scale=act_scale, smooth=smooth)
@@ -338,7 +338,7 @@ def quantize_act_lowrank(
     lr_down, _ = _check_lowrank(fn, x2, lr_down, None, None)
     if _resolve(fn, "w4a4", backend, x2, group_size) == "reference":
         return ref.quantize_act_lowrank(x2, group_size, lr_down=lr_down, smooth=smooth, act_scale=act_scale)
-    from diffq.kernels.act_quant import quantize_groups_lowrank
+    from diffq.kernels.activation_kernels import quantize_groups_lowrank
 
     return quantize_groups_lowrank(x2, group_size, lr_down=lr_down, smooth=smooth, act_scale=act_scale)
 
@@ -423,7 +423,7 @@ def w4a4_linear(
             x2, qweight, wscale, group_size, bias, lr_down=lr_down, lr_up=lr_up, smooth=smooth, act_scale=act_scale
         )
         return _restore(y, lead)
-    from diffq.kernels.act_quant import quantize_groups_lowrank
+    from diffq.kernels.activation_kernels import quantize_groups_lowrank
     from diffq.kernels.w4a4_lowrank import w4a4_gemm_triton
 
     xq, xs, down = quantize_groups_lowrank(x2, group_size, lr_down=lr_down, smooth=smooth, act_scale=act_scale)
@@ -471,14 +471,14 @@ def _row_scaled_linear(
         return _restore(reference(x2, qweight, wscale, bias, act_scale=act_scale, smooth=smooth), lead)
     if choice == "scaled_mm" and not x2.is_cuda:
         raise KernelUnavailableError(f"{fn}: backend='scaled_mm' needs a CUDA tensor, got {x2.device}")
-    from diffq.kernels.act_quant import quantize_rows
+    from diffq.kernels.activation_kernels import quantize_rows
 
     xq, xs = quantize_rows(x2, fmt="fp8" if fp8 else "int8", act_scale=act_scale, smooth=smooth)
     if choice == "scaled_mm":
-        from diffq.kernels.fp8 import fp8_scaled_mm
+        from diffq.kernels.scaled_mm import fp8_scaled_mm
 
         return _restore(fp8_scaled_mm(xq, xs, qweight.contiguous(), wscale, bias, x2.dtype), lead)
-    from diffq.kernels.w8a8 import launch_row_scaled_gemm
+    from diffq.kernels.row_scaled import launch_row_scaled_gemm
 
     y = launch_row_scaled_gemm(kind, xq, xs, qweight.contiguous(), wscale.reshape(-1).contiguous(), bias, x2.dtype)
     return _restore(y, lead)

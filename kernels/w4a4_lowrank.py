@@ -1,6 +1,6 @@
 """W4A4 + low-rank GEMM (Triton): the main GEMM of an SVDQuant layer.
 
-Inputs come from :func:`diffq.kernels.act_quant.quantize_groups_lowrank`, which read x once to
+Inputs come from :func:`diffq.kernels.activation_kernels.quantize_groups_lowrank`, which read x once to
 produce packed int4 activation codes with per-(token, group) scales and the down-projection
 ``down = (x / smooth) @ lr_down`` [M, r]. This kernel unpacks both operands' nibbles to int8 in
 registers (int8 MMA), scales each group's int32 dot by ``x_scale[m, g] * w_scale[n, g]`` into an

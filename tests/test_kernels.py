@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import diffq.kernels as K
 from diffq.errors import DiffqError, ShapeError
 from diffq.formats import QuantSpec, dequantize, fake_quantize, pack_int4, quantize
-from diffq.kernels import autotune, conv, modules
+from diffq.kernels import autotune, conv, layer_dispatch
 from diffq.kernels import reference as ref
 from diffq.modules import ActQuantizer, QuantConv2d, QuantLinear, conv_weight_rows
 
@@ -287,11 +287,11 @@ def _module(kind: str, *, rank: int = 0, conv_k: int | None = None, static: bool
 )  # fmt: skip
 def test_fused_linear_matches_module_reference(kind, rank, static):
     m = _module(kind, rank=rank, static=static)
-    assert modules.kernel_kind(m) == kind
+    assert layer_dispatch.kernel_kind(m) == kind
     x = torch.randn(2, 11, 64)
     want = m(x)  # CPU: torch reference path (the kernel slot stays empty)
-    assert m.kernel is None and modules.module_kernel(m, x) is None
-    fn = modules.fused_forward(m, backend="triton")
+    assert m.kernel is None and layer_dispatch.module_kernel(m, x) is None
+    fn = layer_dispatch.fused_forward(m, backend="triton")
     assert fn is not None
     got = fn(m, x)
     # same quantization, int vs dequantized-fp32 sums: equal up to fp32 summation order
@@ -305,7 +305,7 @@ def test_fused_conv_matches_module_reference(kind, k):
     m = _module(kind, conv_k=k, rank=4 if kind == "w4a4" else 0)
     x = torch.randn(1, 64, 5, 4)
     want = m(x)
-    fn = modules.fused_forward(m, backend="triton")
+    fn = layer_dispatch.fused_forward(m, backend="triton")
     got = fn(m, x)
     assert got.shape == want.shape
     assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
@@ -313,14 +313,14 @@ def test_fused_conv_matches_module_reference(kind, k):
 
 def test_unfusable_formats_keep_the_reference_path():
     # 3x3 conv with per-token activations: im2col would change the scale granularity
-    assert modules.kernel_kind(_module("w8a8", conv_k=3)) is None
+    assert layer_dispatch.kernel_kind(_module("w8a8", conv_k=3)) is None
     m = _module("w8a8")
     m.act.keep_first_token = True
-    assert modules.kernel_kind(m) is None
+    assert layer_dispatch.kernel_kind(m) is None
     q = QuantLinear(quantize(torch.randn(8, 64), QuantSpec("uint4", "group", 32)))
-    assert modules.kernel_kind(q) is None
+    assert layer_dispatch.kernel_kind(q) is None
     # auto backend on a CPU module: nothing to fuse
-    assert modules.fused_forward(_module("w8a8")) is None
+    assert layer_dispatch.fused_forward(_module("w8a8")) is None
 
 
 # ------------------------------------------------------------------ errors
@@ -425,6 +425,6 @@ def test_cuda_module_dispatches_to_kernel():
     x = torch.randn(4, 64, device="cuda")
     if K.triton_unavailable_reason("w8a8", "cuda") is not None:
         pytest.skip("GPU without int8 MMA")
-    assert modules.module_kernel(m, x) is not None
-    want = modules.fused_forward(m, backend="reference")(m, x)
+    assert layer_dispatch.module_kernel(m, x) is not None
+    want = layer_dispatch.fused_forward(m, backend="reference")(m, x)
     assert float((m(x) - want).abs().max()) <= 1e-4 * float(want.abs().max())

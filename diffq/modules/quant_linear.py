@@ -33,7 +33,7 @@ def _fused_kernel(module: nn.Module, x: torch.Tensor):
     if not x.is_cuda:
         return None
     try:
-        from diffq.kernels.modules import module_kernel
+        from diffq.kernels.layer_dispatch import module_kernel
     except ImportError:
         return None
     return module_kernel(module, x)

@@ -1,6 +1,6 @@
 """FP8 (E4M3) GEMM through ``torch._scaled_mm`` (cuBLASLt), the alternative backend to Triton.
 
-The Triton FP8 GEMM is the W8A8 kernel (:mod:`diffq.kernels.w8a8`) with E4M3 operands and an
+The Triton FP8 GEMM is the W8A8 kernel (:mod:`diffq.kernels.row_scaled`) with E4M3 operands and an
 fp32 accumulator; both need FP8 tensor cores (sm_89 Ada, sm_90 Hopper and newer), elsewhere the
 dispatcher uses the torch reference.
 """

@@ -3,7 +3,7 @@
 int8 x int8 -> int32 on the tensor cores (Ampere and newer), or E4M3 x E4M3 -> fp32 (sm_89+),
 then one fp32 epilogue:
 y[m, n] = acc[m, n] * x_scale[m] * w_scale[n] (+ bias[n]). The activation codes come from
-:func:`diffq.kernels.act_quant.quantize_rows` (a per-token scale needs the whole row first).
+:func:`diffq.kernels.activation_kernels.quantize_rows` (a per-token scale needs the whole row first).
 """
 
 from __future__ import annotations
