@@ -1,7 +1,7 @@
 """Timestep-aware calibration on the shipped demo models: cost, range drift, and what
 per-timestep-group activation scales buy over one static scale.
 
-    python benchmarks/calibration.py [--models digits-sd,digits-dit] [--prompts 32] [--steps 20] [--json out.json]
+    python -m benchmarks.calibration [--models digits-sd,digits-dit] [--prompts 32] [--steps 20] [--json out.json]
 
 Prints, per model: wall time and peak extra memory of calibration; the ten layers whose
 activation range varies most across steps (max/min of the per-step abs-max); and the mean
@@ -18,10 +18,10 @@ import time
 import psutil
 import torch
 
+from diffq.apps.models import load_model
 from diffq.calibration import calibrate, grouping_mse, step_groups
+from diffq.eval.prompts import prompt_list
 from diffq.io import write_json_atomic
-from diffq.models import load_model
-from diffq.prompts import prompt_list
 
 
 def run(model: str, n_prompts: int, steps: int, threshold: float) -> dict:

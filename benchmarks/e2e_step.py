@@ -35,9 +35,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from model_configs import FLUX_DIT, SD15_UNET, SDXL_UNET  # benchmarks/ is the script's directory
 
 import diffq
+from benchmarks.model_configs import FLUX_DIT, SD15_UNET, SDXL_UNET
 from diffq.io import write_json_atomic
 from diffq.timing import device_name
 
@@ -125,7 +125,7 @@ def build(model: str, scale: float, device: str, dtype: torch.dtype):
 
 def recipe_for(preset: str) -> tuple[object | None, str]:
     """(recipe usable without calibration, note) or (None, why skipped)."""
-    from diffq.presets import get_preset
+    from diffq.quantization.presets import get_preset
 
     r = get_preset(preset)
     if r.act_static:

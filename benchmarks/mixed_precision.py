@@ -1,6 +1,6 @@
 """Metric-decoupled sensitivity + integer-programming bit allocation on the demo models.
 
-    python benchmarks/mixed_precision.py [--models digits-sd,digits-dit] [--candidates w8a8,w4a8,w3a8]
+    python -m benchmarks.mixed_precision [--models digits-sd,digits-dit] [--candidates w8a8,w4a8,w3a8]
         [--sens-prompts 50] [--eval-images 500] [--groups block_role|block|none] [--extra-budgets 4.5]
         [--judges all|conditioning]
 
@@ -35,7 +35,7 @@ CANDIDATES = ("w8a8", "w4a8", "w3a8")
 
 
 def _pipe(model: str):
-    from diffq.pipelines.demo import demo_pipeline
+    from diffq.pipelines.demo_models import demo_pipeline
 
     return demo_pipeline(model)
 
@@ -47,7 +47,7 @@ def contrastive_digit_scorer(clip):
     Why: the plain CLIP score of digits-clip barely moves under quantization (uniform w4a8 even
     raises it), so as a sensitivity signal it is mostly noise; a contrastive score reacts as soon as
     an image drifts towards another digit, which is the text-alignment failure on this model."""
-    from diffq.pipelines.demo import digit_class_from_prompt
+    from diffq.pipelines.demo_models import digit_class_from_prompt
 
     texts = clip.text_embeds([f"the digit {k}" for k in range(10)])
     scale = float(clip.model.logit_scale.exp())
@@ -57,7 +57,7 @@ def contrastive_digit_scorer(clip):
         probs = (scale * clip.image_embeds(images) @ texts.T).softmax(-1).cpu()
         return 100 * probs[torch.arange(len(labels)), labels]
 
-    score.__qualname__ = "digits_contrastive"
+    score.name = "digits_contrastive"
     return score
 
 
@@ -65,7 +65,7 @@ def evaluate(images: torch.Tensor, ref: torch.Tensor, prompts: list[str], clip, 
     """Scores vs the fp images; ``clip_delta_se`` is the standard error of the paired per-image CLIP
     change, the yardstick for whether two configs' CLIP scores really differ."""
     from diffq.eval import clip_score_digits, psnr, ssim
-    from diffq.pipelines.demo import digit_class_from_prompt
+    from diffq.pipelines.demo_models import digit_class_from_prompt
 
     per = clip_score_digits(clip, images, prompts)
     cs, ref_clip = float(per.mean()), float(ref_scores.mean())
@@ -83,12 +83,14 @@ def evaluate(images: torch.Tensor, ref: torch.Tensor, prompts: list[str], clip, 
 
 def run_model(model: str, args, clip) -> dict:
     from diffq import quantize
-    from diffq.allocation import allocate, uniform_plan
+    from diffq.eval import digits_scorer, image_distance
+    from diffq.eval.prompts import prompt_list
     from diffq.generation import generate
+    from diffq.mixed.allocate import allocate, uniform_plan
+    from diffq.mixed.measure import sensitivity
+    from diffq.mixed.plots import plot_plan, plot_sensitivity
+    from diffq.mixed.table import CONDITIONING_JUDGES
     from diffq.pipelines.adapters import adapter_for
-    from diffq.prompts import prompt_list
-    from diffq.sensitivity_analysis import CONDITIONING_JUDGES, sensitivity
-    from diffq.sensitivity_plots import plot_plan, plot_sensitivity
 
     gen = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "batch_size": 50}
     sens_prompts = prompt_list("digits", args.sens_prompts)
@@ -100,8 +102,8 @@ def run_model(model: str, args, clip) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     table = sensitivity(
         pipe, prompts=sens_prompts, candidates=tuple(args.candidates.split(",")), num_inference_steps=args.steps,
-        guidance_scale=args.guidance, groups=groups,
-        scorer="digits" if args.alignment == "clip" else contrastive_digit_scorer(clip),
+        guidance_scale=args.guidance, groups=groups, quality=image_distance("ssim"),
+        scorer=digits_scorer(clip).per_image if args.alignment == "clip" else contrastive_digit_scorer(clip),
         cache_dir=RESULTS / "cache" / "sensitivity" / model, progress=not args.quiet,
     )
     sens_s, sens_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -181,12 +183,12 @@ def main() -> None:
 
     from diffq.errors import MissingWeightsError
     from diffq.io import write_json_atomic
-    from diffq.pipelines.demo import digits_clip
+    from diffq.pipelines.demo_models import digits_clip
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     clip = digits_clip()
-    out = {"command": "python benchmarks/mixed_precision.py " + " ".join(
+    out = {"command": "python -m benchmarks.mixed_precision " + " ".join(
         f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(map(str, v))}"
         for k, v in vars(args).items() if k not in ("json", "quiet")),
         "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",

@@ -1,7 +1,7 @@
 """Which kinds of layers hurt image quality and which hurt text alignment: quantize all layers of
 one canonical role at a time and score the images against full precision.
 
-    python benchmarks/role_sensitivity.py [--models digits-sd,digits-dit] [--presets w3a8,w4a8]
+    python -m benchmarks.role_sensitivity [--models digits-sd,digits-dit] [--presets w3a8,w4a8]
         [--images 300] [--threads 2]
 
 Per model, preset and role: 1 - SSIM and the paired per-image CLIP score change (digits-clip, ±
@@ -24,14 +24,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def run_model(model: str, presets: list[str], n: int, clip) -> dict:
     from diffq import quantize
-    from diffq.allocation import BitPlan
     from diffq.eval import clip_score_digits, ssim
+    from diffq.eval.prompts import prompt_list
     from diffq.generation import generate
-    from diffq.layers import quantizable_layers
+    from diffq.mixed.plan import BitPlan
+    from diffq.modules.layers import quantizable_layers
     from diffq.pipelines.adapters import adapter_for
-    from diffq.pipelines.demo import demo_pipeline, digit_class_from_prompt
+    from diffq.pipelines.demo_models import demo_pipeline, digit_class_from_prompt
     from diffq.pipelines.roles import role_of
-    from diffq.prompts import prompt_list
 
     prompts = prompt_list("digits", n)
     seeds = [1000 + i for i in range(n)]
@@ -72,12 +72,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from diffq.io import write_json_atomic
-    from diffq.pipelines.demo import digits_clip
+    from diffq.pipelines.demo_models import digits_clip
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     clip = digits_clip()
-    res = {"command": "python benchmarks/role_sensitivity.py " + " ".join(
+    res = {"command": "python -m benchmarks.role_sensitivity " + " ".join(
                f"--{k} {v}" for k, v in vars(args).items() if k != "json"),
            "machine": f"{platform.processor() or platform.machine()}, "
                       f"torch threads {torch.get_num_threads()}",

@@ -5,7 +5,7 @@ reason the MSE weight-clip search is switched off here: it changes codes, not by
 around the UNet is tiny (small VAE and a one-layer 768-wide text encoder) so calibration, which
 smoothing needs, runs on CPU in seconds at 256x256.
 
-    python benchmarks/sd15_size.py [--presets w8a8,w4a4-svd] [--json out.json]
+    python -m benchmarks.sd15_size [--presets w8a8,w4a4-svd] [--json out.json]
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import time
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from model_configs import SD15_UNET  # benchmarks/ is the script's directory, hence on sys.path
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import diffq
+from benchmarks.model_configs import SD15_UNET
 from diffq.pipelines.tiny_tokenizers import CLIP_SPECIAL_IDS, clip_style_tokenizer, vocab_size
 
 

@@ -22,14 +22,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffq.api import TEXT_ENCODER_ATTRS, quantized_modules, set_submodule
 from diffq.errors import CheckpointError, DiffqError
 from diffq.fingerprint import weights_fingerprint
 from diffq.formats import QTensor, QuantSpec, decode_scale, unpack_bits
 from diffq.io import atomic_path, write_json_atomic
-from diffq.modules import ActQuantizer, QuantConv2d, QuantLinear, attach_tracker
+from diffq.modules import ActQuantizer, QuantConv2d, QuantLinear, quantized_modules, set_submodule
+from diffq.numerics import maybe_check_finite
 from diffq.pipelines.adapters import adapter_for
-from diffq.recipe import Recipe
+from diffq.quantization.recipe import Recipe
+from diffq.quantization.state import QuantState, attach_state, quant_state, require_state
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "quantized.safetensors"
@@ -53,14 +54,10 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _scopes(pipe) -> dict[str, nn.Module]:
-    adapter = adapter_for(pipe)
-    out = {"denoiser": adapter.denoiser(pipe)}
-    for attr in TEXT_ENCODER_ATTRS:
-        enc = getattr(pipe, attr, None)
-        if enc is not None and quantized_modules(enc):
-            out[attr] = enc
-    return out
+def _quantized_scopes(pipe) -> dict[str, nn.Module]:
+    """The adapter's scopes that hold quantized layers (the denoiser always)."""
+    scopes = adapter_for(pipe).scopes(pipe)
+    return {k: v for k, v in scopes.items() if k == "denoiser" or quantized_modules(v)}
 
 
 def _layer_info(m: QuantLinear | QuantConv2d) -> dict:
@@ -80,7 +77,6 @@ def _layer_info(m: QuantLinear | QuantConv2d) -> dict:
             "spec": m.act.spec.to_dict(),
             "splits": list(m.act.splits) if m.act.splits else None,
             "static": m.act.static,
-            "keep_first_token": m.act.keep_first_token,
         }
     return info
 
@@ -90,12 +86,10 @@ def save(pipe, directory: str | Path) -> Path:
     directory = Path(directory)
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
-    recipe: Recipe | None = getattr(denoiser, "_diffq_recipe", None)
-    if recipe is None:
-        raise DiffqError("this pipeline is not quantized; call diffq.quantize(pipe, recipe) before diffq.save")
+    state = require_state(denoiser, "diffq.save")
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
-    for scope, root in _scopes(pipe).items():
+    for scope, root in _quantized_scopes(pipe).items():
         for name, m in quantized_modules(root).items():
             key = f"{scope}/{name}"
             info = _layer_info(m)
@@ -116,9 +110,9 @@ def save(pipe, directory: str | Path) -> Path:
         "version": FORMAT_VERSION,
         "family": adapter.name,
         "denoiser_class": type(denoiser).__name__,
-        "base_fingerprint": denoiser._diffq_base_fingerprint,
-        "recipe": recipe.to_dict(),
-        "plan": getattr(denoiser, "_diffq_plan", None),
+        "base_fingerprint": state.base_fingerprint,
+        "recipe": state.recipe.to_dict(),
+        "plan": state.plan,
         "tensors_sha256": _sha256(tpath),
         "tensors_bytes": tpath.stat().st_size,
         "layers": layers,
@@ -210,7 +204,6 @@ def _rebuild(info: dict, buf: dict[str, torch.Tensor]) -> QuantLinear | QuantCon
             act = ActQuantizer(
                 QuantSpec.from_dict(a["spec"]), splits=tuple(a["splits"]) if a["splits"] else None,
                 amax=buf.get("act.amax"), bucket_to_group=buf.get("act.bucket_to_group"),
-                keep_first_token=a.get("keep_first_token", False),
             )
         dtype = getattr(torch, str(info["dtype"]), None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -235,7 +228,7 @@ def load(directory: str | Path, base_pipe):
     manifest = read_manifest(directory)
     adapter = adapter_for(base_pipe)
     denoiser = adapter.denoiser(base_pipe)
-    if getattr(denoiser, "_diffq_recipe", None) is not None:
+    if quant_state(denoiser) is not None:
         raise CheckpointError("the base pipeline is already quantized; load onto a fresh full-precision pipeline")
     if manifest["family"] != adapter.name:
         raise CheckpointError(f"checkpoint is for a {manifest['family']} model, the pipeline is {adapter.name}")
@@ -246,10 +239,7 @@ def load(directory: str | Path, base_pipe):
             "load it onto the exact pipeline it was quantized from"
         )
     tensors = load_tensors(directory, manifest)
-    scopes = {"denoiser": denoiser}
-    for attr in TEXT_ENCODER_ATTRS:
-        if getattr(base_pipe, attr, None) is not None:
-            scopes[attr] = getattr(base_pipe, attr)
+    scopes = adapter.scopes(base_pipe)
     try:
         recipe = Recipe.from_dict(manifest["recipe"])
     except DiffqError as e:
@@ -272,15 +262,11 @@ def load(directory: str | Path, base_pipe):
         if ref is not None:
             new = new.to(ref.device)
         swaps.append((scope, root, name, new))
-    tracker = attach_tracker(denoiser, adapter.timestep_of)
+    state = QuantState(recipe=recipe, family=adapter.name, base_fingerprint=fp, plan=manifest.get("plan"))
     for scope, root, name, new in swaps:
         if new.act is not None and scope == "denoiser":
-            new.act.tracker = tracker
+            new.act.tracker = state.tracker
         set_submodule(root, name, new)
-    denoiser._diffq_recipe = recipe
-    denoiser._diffq_base_fingerprint = fp
-    denoiser._diffq_plan = manifest.get("plan")
-    from diffq.numerics import maybe_check_finite
-
+    attach_state(denoiser, state, adapter.timestep_of)
     maybe_check_finite(base_pipe)  # DIFFQ_CHECK_FINITE=1: name the layer and step of the first NaN/Inf
     return base_pipe

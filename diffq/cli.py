@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a prompt set into a resumable image cache (data-parallel under `accelerate launch`)",
         epilog="Scale out: accelerate launch --multi_gpu --num_processes 4 -m diffq.cli generate --model M ...",
     )
-    from diffq.eval.generate_sharded import add_arguments as _add_generate_args
+    from diffq.apps.generate import add_arguments as _add_generate_args
 
     _add_generate_args(p)
     _add_common(p)
@@ -142,8 +142,7 @@ def _emit(args, human: str, payload: dict) -> None:
 
 
 def _recipe_from_args(args):
-    from diffq.presets import get_preset
-    from diffq.recipe import load_recipe_files
+    from diffq.quantization.presets import get_preset, load_recipe_files
 
     recipe = get_preset(args.preset)
     if args.recipe:
@@ -154,7 +153,7 @@ def _recipe_from_args(args):
 
 
 def cmd_presets(args) -> int:
-    from diffq.presets import DESCRIPTIONS, PRESETS
+    from diffq.quantization.presets import DESCRIPTIONS, PRESETS
 
     rows = {k: {"description": DESCRIPTIONS[k], "recipe": v.to_dict()} for k, v in PRESETS.items()}
     _emit(args, "\n".join(f"{k:12} {DESCRIPTIONS[k]}" for k in PRESETS), rows)
@@ -162,9 +161,9 @@ def cmd_presets(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    from diffq.apps.models import load_model
     from diffq.calibration import calibrate
-    from diffq.models import load_model
-    from diffq.prompts import prompt_list
+    from diffq.eval.prompts import prompt_list
 
     prompts = prompt_list(args.prompts, args.num_prompts)  # bad prompt arguments fail before the model loads
     pipe = load_model(args.model)
@@ -181,11 +180,11 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from diffq.api import quantize
+    from diffq.apps.models import load_model
     from diffq.calibration import CalibrationStats
     from diffq.checkpoint import save
-    from diffq.models import load_model
-    from diffq.prompts import prompt_list
+    from diffq.eval.prompts import prompt_list
+    from diffq.quantization.apply import quantize
 
     recipe = _recipe_from_args(args)
     if args.show_recipe:
@@ -195,7 +194,7 @@ def cmd_quantize(args) -> int:
     stats = CalibrationStats.load(args.calibration) if args.calibration else None
     plan = None
     if args.plan:
-        from diffq.allocation import BitPlan
+        from diffq.mixed.plan import BitPlan
 
         plan = BitPlan.load(args.plan)
     prompts = prompt_list(args.prompts, 16) if recipe.needs_calibration and stats is None else None
@@ -239,7 +238,7 @@ def _nbytes(meta: dict) -> int:
 
 
 def cmd_bench(args) -> int:
-    from diffq.bench import BenchConfig, run_bench
+    from diffq.apps.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(
         model=args.model, recipes=[r.strip() for r in args.recipes.split(",") if r.strip()], prompts=args.prompts,
@@ -253,7 +252,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from diffq.bench import evaluate_checkpoint
+    from diffq.apps.bench import evaluate_checkpoint
 
     result = evaluate_checkpoint(
         args.model, args.checkpoint, prompts=args.prompts, num_prompts=args.num_prompts, steps=args.steps,
@@ -264,7 +263,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from diffq.demo import run_demo
+    from diffq.apps.demo import run_demo
 
     out = run_demo(
         out=args.out, models=[m.strip() for m in args.models.split(",") if m.strip()],
@@ -276,13 +275,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from diffq.eval.generate_sharded import config_from_args, run
+    from diffq.apps.generate import config_from_args, run
 
     report = run(config_from_args(args))
-    if report.rank == 0:
-        human = (f"process {report.rank}/{report.world_size}: {report.generated} images generated, "
-                 f"{report.cached} already cached, {report.seconds:.1f} s; cache: {args.cache}")
-        _emit(args, human, report.to_dict())
+    if args.json:  # one JSON line per process (several under `accelerate launch`)
+        print(json.dumps(report.to_dict(), default=str))
+    elif report.rank == 0:
+        print(f"process {report.rank}/{report.world_size}: {report.generated} images generated, "
+              f"{report.cached} already cached, {report.seconds:.1f} s; cache: {args.cache}")
     return 0
 
 

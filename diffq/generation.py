@@ -6,7 +6,6 @@ means the same initial noise for the FP and the quantized pipeline.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,10 +14,7 @@ from tqdm.auto import tqdm
 
 from diffq.errors import DiffqError
 from diffq.pipelines.adapters import adapter_for
-
-
-def progress_enabled(progress: bool) -> bool:
-    return progress and os.environ.get("DIFFQ_NO_PROGRESS", "") in ("", "0")
+from diffq.progress import progress_enabled
 
 
 def prompts_to_class_labels(pipe, prompts: Sequence[str | int]) -> list[int]:

@@ -23,6 +23,7 @@ from torch import nn
 from diffq.errors import CheckpointError, DiffqError
 from diffq.modules import QuantConv2d, QuantLinear, conv_weight_rows
 from diffq.pipelines.adapters import adapter_for
+from diffq.quantization.state import require_state
 
 _PAIR = re.compile(r"^(?:(?:unet|transformer)\.)?(?P<mod>.+?)\.(?:lora_A|lora\.down)\.weight$")
 
@@ -61,11 +62,11 @@ def load_lora(pipe, lora: str | Path | dict[str, torch.Tensor], *, scale: float 
     Quantized layers get the update on their 16-bit branch; dense layers get it merged into their
     weight. Call :func:`unload_lora` to remove it.
     """
-    state = load_file(str(lora)) if not isinstance(lora, dict) else lora
+    weights = load_file(str(lora)) if not isinstance(lora, dict) else lora
     denoiser = adapter_for(pipe).denoiser(pipe)
-    pairs = parse_lora(state)
+    saved = require_state(denoiser, "diffq.lora.load_lora").lora_saved
+    pairs = parse_lora(weights)
     touched = []
-    saved = getattr(denoiser, "_diffq_lora_saved", {})
     for name, (a, b, alpha) in pairs.items():
         try:
             mod = denoiser.get_submodule(name)
@@ -96,7 +97,6 @@ def load_lora(pipe, lora: str | Path | dict[str, torch.Tensor], *, scale: float 
         else:
             raise DiffqError(f"LoRA target {name!r} is a {type(mod).__name__}, not a Linear/Conv2d")
         touched.append(name)
-    denoiser._diffq_lora_saved = saved
     return touched
 
 
@@ -104,10 +104,11 @@ def load_lora(pipe, lora: str | Path | dict[str, torch.Tensor], *, scale: float 
 def unload_lora(pipe) -> None:
     """Remove every LoRA applied with :func:`load_lora`, restoring the exact previous state."""
     denoiser = adapter_for(pipe).denoiser(pipe)
-    for name, old in getattr(denoiser, "_diffq_lora_saved", {}).items():
+    saved = require_state(denoiser, "diffq.lora.unload_lora").lora_saved
+    for name, old in saved.items():
         mod = denoiser.get_submodule(name)
         if isinstance(mod, (QuantLinear, QuantConv2d)):
             mod.lr_down, mod.lr_up = old
         else:
             mod.weight.copy_(old)
-    denoiser._diffq_lora_saved = {}
+    saved.clear()

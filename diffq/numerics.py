@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Self
 
 import torch
 from torch import nn
 
 from diffq.errors import QuantizationError
+from diffq.modules import QuantConv2d, QuantLinear
+from diffq.pipelines.adapters import adapter_for
+from diffq.quantization.state import quant_state
 
 ENV_VAR = "DIFFQ_CHECK_FINITE"
 
@@ -43,7 +45,7 @@ class FiniteCheck:
             h.remove()
         self.handles.clear()
 
-    def __enter__(self) -> Self:
+    def __enter__(self):  # returns self (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -53,15 +55,7 @@ class FiniteCheck:
 def _quantized_roots(pipe_or_module) -> dict[str, nn.Module]:
     if isinstance(pipe_or_module, nn.Module):
         return {"": pipe_or_module}
-    from diffq.api import TEXT_ENCODER_ATTRS
-    from diffq.pipelines.adapters import adapter_for
-
-    roots = {"denoiser": adapter_for(pipe_or_module).denoiser(pipe_or_module)}
-    for attr in TEXT_ENCODER_ATTRS:
-        enc = getattr(pipe_or_module, attr, None)
-        if isinstance(enc, nn.Module):
-            roots[attr] = enc
-    return roots
+    return adapter_for(pipe_or_module).scopes(pipe_or_module)
 
 
 def _count_bad(t: torch.Tensor) -> tuple[int, int]:
@@ -77,11 +71,10 @@ def check_finite(pipe_or_module) -> FiniteCheck:
     scale) and whether the layer's input was already non-finite (checked before the layer runs, so
     the activation quantizer's own refusal never hides the layer). Returns a handle to remove the hooks.
     """
-    from diffq.modules import QuantConv2d, QuantLinear
-
     check = FiniteCheck()
     for scope, root in _quantized_roots(pipe_or_module).items():
-        tracker = getattr(root, "_diffq_tracker", None)
+        state = quant_state(root)
+        tracker = state.tracker if state is not None else None
         start = tracker.calls if tracker is not None else 0
         for name, mod in root.named_modules():
             if not isinstance(mod, (QuantLinear, QuantConv2d)):
@@ -128,6 +121,7 @@ def maybe_check_finite(pipe) -> FiniteCheck | None:
     if not enabled_by_env():
         return None
     check = check_finite(pipe)
-    denoiser_holder = next(iter(_quantized_roots(pipe).values()))
-    denoiser_holder._diffq_finite_check = check
+    state = quant_state(adapter_for(pipe).denoiser(pipe))
+    if state is not None:
+        state.finite_check = check
     return check

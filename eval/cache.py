@@ -16,9 +16,9 @@ Data-parallel generation
 ------------------------
 Keys are independent, so several processes can fill one cache folder at once: every process builds
 the same full job list and takes ``jobs[rank::world_size]`` (:func:`shard_jobs`).  The ready-made
-command is :mod:`diffq.eval.generate_sharded`::
+command is ``diffq generate`` (:mod:`diffq.apps.generate`)::
 
-    accelerate launch --multi_gpu --num_processes 4 -m diffq.eval.generate_sharded \
+    accelerate launch --multi_gpu --num_processes 4 -m diffq.cli generate \
         --model digits-sd --prompts digits --num-prompts 1000 --cache runs/cache
 
 and from your own script::

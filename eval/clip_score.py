@@ -40,33 +40,11 @@ from diffq.eval.features import (
     OPENAI_CLIP_STD,
     EvalInputError,
     module_device,
-    pooled_output,
+    project_image,
+    project_text,
     resize_and_normalize,
     to_tensor_batch,
 )
-
-
-def _projected(out: Any, projection: torch.nn.Module | None) -> torch.Tensor:
-    emb = pooled_output(out)
-    if isinstance(projection, torch.nn.Linear):
-        d = emb.shape[-1]
-        if d == projection.in_features and d != projection.out_features:
-            emb = projection(emb)  # pooled but not projected (some releases / custom models)
-    return emb
-
-
-def project_image(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Joint-space image embeddings ``[N, E]`` (not normalised) from a transformers CLIP-like model."""
-    return _projected(model.get_image_features(pixel_values=pixel_values), getattr(model, "visual_projection", None))
-
-
-def project_text(model: torch.nn.Module, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Joint-space text embeddings ``[M, E]`` (not normalised) from a transformers CLIP-like model."""
-    kw = {"input_ids": input_ids}
-    if attention_mask is not None:
-        kw["attention_mask"] = attention_mask
-    return _projected(model.get_text_features(**kw), getattr(model, "text_projection", None))
 
 
 @dataclass
@@ -89,8 +67,11 @@ class ClipScorer:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, image_size: int | tuple[int, int] | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 max_length: int | None = None, batch_size: int = 64) -> None:
+                 max_length: int | None = None, batch_size: int = 64, name: str | None = None) -> None:
         self.model = model.eval()
+        # identifies the scorer in caches (e.g. a sensitivity analysis): the model's hub id or class
+        config = getattr(model, "config", None)
+        self.name = name or getattr(config, "_name_or_path", None) or type(model).__name__
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         if hasattr(model, "get_image_features") and hasattr(model, "get_text_features"):
@@ -280,7 +261,7 @@ def digits_scorer(clip: Any) -> ClipScorer:
     """A :class:`ClipScorer` for digits-clip: ``clip`` is a ``DigitsClip`` or ``(model, tokenizer)``;
     32x32 inputs scaled to ``2x - 1`` (mean = std = 0.5), as digits-clip was trained."""
     model, tokenizer = tuple(clip)
-    return ClipScorer(model, tokenizer, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return ClipScorer(model, tokenizer, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), name="digits-clip")
 
 
 def clip_score_digits(clip: Any, images, prompts: Sequence[str]) -> torch.Tensor:

@@ -183,14 +183,35 @@ class ClipImageFeatures:
             x = resize_and_normalize(images[i:i + self.batch_size].to(dev), self.image_size, self.mean, self.std)
             x = x.to(dtype)
             if self.projected:
-                from diffq.eval.clip_score import project_image
-
                 feats = project_image(self.model, x)
             else:
                 tower = getattr(self.model, "vision_model", self.model)
                 feats = pooled_output(tower(pixel_values=x))
             outs.append(feats.double().cpu())
         return torch.cat(outs)
+
+
+def _projected(out: Any, projection: torch.nn.Module | None) -> torch.Tensor:
+    emb = pooled_output(out)
+    if isinstance(projection, torch.nn.Linear):
+        d = emb.shape[-1]
+        if d == projection.in_features and d != projection.out_features:
+            emb = projection(emb)  # pooled but not projected (some releases / custom models)
+    return emb
+
+
+def project_image(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Joint-space image embeddings ``[N, E]`` (not normalised) from a transformers CLIP-like model."""
+    return _projected(model.get_image_features(pixel_values=pixel_values), getattr(model, "visual_projection", None))
+
+
+def project_text(model: torch.nn.Module, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Joint-space text embeddings ``[M, E]`` (not normalised) from a transformers CLIP-like model."""
+    kw = {"input_ids": input_ids}
+    if attention_mask is not None:
+        kw["attention_mask"] = attention_mask
+    return _projected(model.get_text_features(**kw), getattr(model, "text_projection", None))
 
 
 def torch_hub_checkpoints_dir() -> Path:

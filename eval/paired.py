@@ -123,4 +123,46 @@ def lpips(a, b, net: str = "alex", batch_size: int = 64) -> torch.Tensor:
     return torch.cat(outs).cpu()
 
 
-__all__ = ["LPIPS_BACKBONES", "check_lpips_weights", "lpips", "lpips_weight_files", "psnr", "ssim"]
+IMAGE_DISTANCES = ("ssim", "mse", "lpips")
+
+
+class ImageDistance:
+    """``distance(images, reference) -> Tensor[N]``, higher = further from the reference: ``1 - SSIM``
+    (``"ssim"``), pixel MSE (``"mse"``) or LPIPS (``"lpips"``, needs its weights offline). ``name``
+    identifies it (the sensitivity analysis keys its cache on it)."""
+
+    def __init__(self, kind: str) -> None:
+        if kind not in IMAGE_DISTANCES:
+            raise EvalInputError(f"unknown image distance {kind!r}; use one of {', '.join(IMAGE_DISTANCES)}")
+        if kind == "lpips":
+            check_lpips_weights()
+        self.name = kind
+
+    def __call__(self, images, reference) -> torch.Tensor:
+        if self.name == "ssim":
+            return 1.0 - ssim(images, reference)
+        if self.name == "mse":
+            a, b = _pair(images, reference)
+            return (a - b).pow(2).flatten(1).mean(1)
+        return lpips(images, reference)
+
+    def __repr__(self) -> str:
+        return f"image_distance({self.name!r})"
+
+
+def image_distance(kind: str = "ssim") -> ImageDistance:
+    """The per-image distance to a reference that mixed-precision sensitivity calls ``quality``."""
+    return ImageDistance(kind)
+
+
+__all__ = [
+    "IMAGE_DISTANCES",
+    "LPIPS_BACKBONES",
+    "ImageDistance",
+    "check_lpips_weights",
+    "image_distance",
+    "lpips",
+    "lpips_weight_files",
+    "psnr",
+    "ssim",
+]

@@ -96,4 +96,15 @@ def load_prompts(path_or_name: str | os.PathLike) -> list[str]:
     return prompts
 
 
-__all__ = ["BUILTIN_PROMPT_SETS", "PROMPTS_DIR", "PromptSetError", "load_prompts"]
+def prompt_list(source: str | os.PathLike, n: int | None = None) -> list[str]:
+    """The first ``n`` prompts of ``source`` (a file or a built-in set name), cycling through the set
+    when it is shorter than ``n``; all of them when ``n`` is None."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise PromptSetError(f"number of prompts must be an integer >= 1, got {n!r}")
+    prompts = load_prompts(source)  # never empty: it refuses an empty source
+    if n is None:
+        return prompts
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+__all__ = ["BUILTIN_PROMPT_SETS", "PROMPTS_DIR", "PromptSetError", "load_prompts", "prompt_list"]

@@ -24,6 +24,7 @@ import numpy as np
 from diffq.errors import ShapeError
 from diffq.eval.features import EvalInputError, to_tensor_batch
 from diffq.io import atomic_path, write_text_atomic
+from diffq.plotting import new_figure, save_figure
 
 MIN_CELL_PX = 64
 MAX_ROW_LABEL_PX = 220
@@ -239,24 +240,6 @@ def write_report(out_dir: str | os.PathLike, *, title: str, grid_png: str | os.P
 
 
 # --------------------------------------------------------------------------------------- plot
-def new_figure(figsize: tuple[float, float], dpi: int = 110):
-    """A matplotlib ``Figure`` on its own Agg canvas: no pyplot, no global backend change, so
-    plotting from diffq never disturbs a notebook's inline figures."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, dpi=dpi)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_figure(fig, path: str | os.PathLike, dpi: int | None = None) -> Path:
-    """Write ``fig`` as PNG atomically; returns ``path``."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", **({"dpi": dpi} if dpi else {}))
-    return Path(path)
-
-
 def plot_quality_vs_size(rows: Sequence[dict], x: str = "size_ratio", y: str = "psnr",
                          out_png: str | os.PathLike = "quality_vs_size.png", *, label: str = "recipe",
                          title: str | None = None, xlabel: str | None = None, ylabel: str | None = None) -> Path:

@@ -16,7 +16,7 @@ fp8_e4m3, per channel                  fp8_e4m3 per token / static tensor    fp8
 
 Not fused (reference path): asymmetric (zero-point) and FP4 weights, per-tensor weight scales,
 non-fp32 activation scale storage, split-shortcut activation scales (except group scales that
-tile every segment), BOS-aware quantizers, and QuantConv2d with kh*kw > 1 under a *per-token*
+tile every segment), and QuantConv2d with kh*kw > 1 under a *per-token*
 activation format (im2col would turn a per-pixel scale into a per-patch one: different math).
 Convs run through :func:`diffq.kernels.conv2d_via_gemm` (1x1: channels-last reshape; else
 im2col). The low-rank branch of every kernel but w4a4 is added in torch.
@@ -58,7 +58,7 @@ def _act_kind(module: nn.Module, group: int | None) -> str | None:
     if act is None:
         return "none"
     spec = act.spec
-    if act.keep_first_token or spec.scale_dtype != "fp32":
+    if spec.scale_dtype != "fp32":
         return None
     if spec.dtype == "int4" and spec.granularity == "group" and spec.group_size == group and not act.static:
         if act.splits is not None and any(s % group for s in act.splits):

@@ -1,5 +1,7 @@
-"""Adapter registry: one small class per model family says how to find the denoiser, how to
-read the timestep the pipeline passes it, and which modules need special treatment.
+"""Adapter registry: one small class per model family says how to find the denoiser and the text
+encoders (the parts of a pipeline diffq quantizes: :meth:`FamilyAdapter.scopes`), how to read the
+timestep the pipeline passes the denoiser, which canonical role each layer plays
+(:meth:`FamilyAdapter.role_of`) and which modules need special treatment.
 
 ``adapter_for(pipe)`` picks the family; unsupported pipelines get an error naming the supported ones.
 """
@@ -13,6 +15,10 @@ import torch
 from torch import nn
 
 from diffq.errors import UnsupportedModelError
+from diffq.pipelines import roles
+
+#: pipeline attributes that may hold a text encoder, in the order diffusers numbers them
+TEXT_ENCODER_ATTRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @dataclass
@@ -23,6 +29,8 @@ class FamilyAdapter:
     pipeline_prefixes: ClassVar[tuple[str, ...]] = ()
     denoiser_attr: ClassVar[str] = "transformer"
     timestep_scale: ClassVar[float] = 1.0  # multiply the denoiser's timestep to reach 0..1000
+    #: family-specific (regex, role) pairs searched before the common table of :mod:`roles`
+    role_patterns: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     @classmethod
     def matches(cls, pipe) -> bool:
@@ -31,6 +39,26 @@ class FamilyAdapter:
 
     def denoiser(self, pipe) -> nn.Module:
         return getattr(pipe, self.denoiser_attr)
+
+    def text_encoders(self, pipe) -> dict[str, nn.Module]:
+        """attribute name -> text encoder module, for the encoders this pipeline has."""
+        out = {}
+        for attr in TEXT_ENCODER_ATTRS:
+            enc = getattr(pipe, attr, None)
+            if isinstance(enc, nn.Module):
+                out[attr] = enc
+        return out
+
+    def scopes(self, pipe) -> dict[str, nn.Module]:
+        """Every part of ``pipe`` that diffq may quantize: ``{"denoiser": ..., "text_encoder": ...}``.
+
+        The one list of quantized parts: quantize, save/load and the finite checks all walk it.
+        """
+        return {"denoiser": self.denoiser(pipe), **self.text_encoders(pipe)}
+
+    def role_of(self, name: str) -> str:
+        """Canonical role of the denoiser layer ``name`` (family patterns first, then the common table)."""
+        return roles.role_of(name, self.role_patterns)
 
     def timestep_of(self, args: tuple, kwargs: dict) -> torch.Tensor | float | None:
         """The timestep argument of one denoiser call, on the 0..1000 scale."""

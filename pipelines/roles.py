@@ -43,16 +43,23 @@ _COMMON: list[tuple[str, str]] = [
     (r"^(conv_in|conv_out|pos_embed\.proj|x_embedder|proj_out|proj_out_1|proj_out_2|norm_out\.linear)$", "io"),
     (r"(^|\.)(norm1|norm1_context|norm|norm_out)\.linear$", "adanorm"),
     (
-        r"(^|\.)(time_embedding|time_proj|add_embedding|adaln_single|time_text_embed|context_embedder"
-        r"|caption_projection|class_embedding|encoder_hid_proj|emb)(\.|$)",
+        (
+            r"(^|\.)(time_embedding|time_proj|add_embedding|adaln_single|time_text_embed|context_embedder"
+            r"|caption_projection|class_embedding|encoder_hid_proj|emb)(\.|$)"
+        ),
         "embed",
     ),
 ]
 _COMPILED = [(re.compile(p), role) for p, role in _COMMON]
 
 
-def role_of(name: str) -> str:
-    """Canonical role of a module from its qualified name inside the denoiser."""
+def role_of(name: str, extra: tuple[tuple[str, str], ...] = ()) -> str:
+    """Canonical role of a module from its qualified name inside the denoiser.
+
+    extra: (regex, role) pairs searched first (a family adapter's own patterns)."""
+    for pat, role in extra:
+        if re.search(pat, name):
+            return role
     for pat, role in _COMPILED:
         if pat.search(name):
             return role

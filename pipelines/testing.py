@@ -44,8 +44,9 @@ row) that ``DiTPipeline`` assumes when it uses id 1000 as the unconditional clas
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -132,7 +133,7 @@ def _t5(seed: int, *, d_model: int = 32):
 
 def _ddpm_betas() -> dict[str, Any]:
     # SD1.5/SDXL's noise schedule
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    return {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 
 # ----------------------------------------------------------------------------- families

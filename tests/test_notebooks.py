@@ -46,11 +46,23 @@ def test_all_notebooks_present():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_matches_its_source(path: Path):
+    """Each committed notebook is exactly what its percent-format source builds (edit the .py, then
+    run ``python -m scripts.make_notebooks``)."""
+    from scripts.make_notebooks import render
+
+    source = path.with_suffix(".py")
+    assert source.is_file(), f"{path.name} has no source {source.name}"
+    assert path.read_text(encoding="utf-8") == render(source), (
+        f"{path.name} differs from {source.name}; run `python -m scripts.make_notebooks`")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_committed_without_outputs(path: Path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
-    assert not dirty, f"{path.name}: cells {dirty} carry outputs; regenerate with scripts/make_notebooks.py"
+    assert not dirty, f"{path.name}: cells {dirty} carry outputs; rebuild with `python -m scripts.make_notebooks`"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -9,14 +9,24 @@ from hypothesis import strategies as st
 from diffq.errors import DiffqError, RecipeError
 from diffq.formats import QuantSpec
 from diffq.pipelines.roles import role_of
-from diffq.presets import PRESETS, get_preset, resolve_recipe
-from diffq.recipe import Recipe, load_recipe_files
+from diffq.quantization.presets import PRESETS, get_preset, load_recipe_files, resolve_recipe
+from diffq.quantization.recipe import Recipe
 
 
-def test_presets_round_trip_json():
-    for name, r in PRESETS.items():
-        back = Recipe.from_dict(json.loads(r.to_json()))
-        assert back == r, name
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_round_trip_json(name):
+    r = PRESETS[name]
+    assert Recipe.from_dict(json.loads(r.to_json())) == r
+
+
+def test_tuple_overrides_and_removed_fields():
+    r = get_preset("w4a8").with_overrides(["skip_roles=()", "skip_patterns=('^conv_in$',)"])
+    assert r.skip_roles == () and r.skip_patterns == ("^conv_in$",)
+    assert get_preset("w4a8").with_overrides(["skip_roles=[]"]).skip_roles == ()
+    # a recipe saved by an older diffq (with the removed ``bos_aware`` field) still loads
+    assert Recipe.from_dict(PRESETS["w8a8"].to_dict() | {"bos_aware": True}) == PRESETS["w8a8"]
+    with pytest.raises(RecipeError, match="text_encoder=True"):
+        Recipe.from_dict(PRESETS["mixed"].to_dict() | {"text_encoder": True})
 
 
 def test_overrides_and_yaml_stacking(tmp_path):

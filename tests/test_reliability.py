@@ -1,18 +1,16 @@
 """Reliability and safety: safe loading only, clear errors for bad input, faults survived.
 
-The fault helpers live in ``scripts/fault_campaign.py`` (which runs them with large N); here they
-run with small N: 3 SIGKILLed calibrations resumed, 20 corrupted checkpoints, a few hundred fuzzed
+The fault helpers live in ``tests/faults.py`` (``python -m benchmarks.fault_campaign`` runs them with
+large N); here they run with small N: 3 SIGKILLed calibrations resumed, 20 corrupted checkpoints, a few hundred fuzzed
 inputs per parser.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import random
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,13 +28,12 @@ from diffq.errors import (
     RecipeError,
     ShapeError,
 )
+from diffq.modules import quantized_modules
 from diffq.pipelines.testing import tiny_pipeline
+from diffq.quantization.apply import is_quantized
+from tests import faults as fc
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("fault_campaign", ROOT / "scripts" / "fault_campaign.py")
-fc = importlib.util.module_from_spec(_spec)
-sys.modules["fault_campaign"] = fc
-_spec.loader.exec_module(fc)
 
 FUZZ = settings(max_examples=150, deadline=None, database=None, derandomize=True,
                 suppress_health_check=list(HealthCheck))
@@ -127,15 +124,15 @@ def test_atomic_write_leaves_old_file_when_interrupted(tmp_path):
 # ================================================================================ 2. validation
 def test_group_size_not_dividing_falls_back_as_documented(sd):
     from diffq.formats import QuantSpec, quantize
-    from diffq.selection import choose_layers, fit_group
+    from diffq.quantization.selection import choose_layers, fit_group
 
     g64 = QuantSpec("int4", "group", 64)
     assert fit_group(g64, 40).group_size == 8  # halved 64 -> 32 -> 16 -> 8
     assert fit_group(g64, 20) is None  # no group >= 8 divides 20: one scale per row
     with pytest.raises(FormatError, match="does not divide"):
         quantize(torch.randn(4, 40), g64)  # the low-level API refuses instead of guessing
-    from diffq.presets import get_preset
-    from diffq.recipe import Recipe
+    from diffq.quantization.presets import get_preset
+    from diffq.quantization.recipe import Recipe
 
     fitted = [ch for ch in choose_layers(sd.unet, get_preset("w4a8")) if ch.skip is None]
     assert fitted and all(ch.weight.granularity != "group" or ch.module.in_features % ch.weight.group_size == 0
@@ -150,11 +147,11 @@ def test_rank_larger_than_layer_is_capped_or_refused(sd):
     with pytest.raises(ShapeError, match="rank"):
         lowrank_split(torch.randn(8, 16), 9)
     with pytest.raises(RecipeError, match="rank"):
-        diffq.recipe.Recipe(rank=5000)
+        diffq.quantization.recipe.Recipe(rank=5000)
     pipe = copy.deepcopy(sd)
     only_first_block = [r"^(?!down_blocks\.0\.)"]  # keeps the test fast
     diffq.quantize(pipe, {"preset": "w4a16", "rank": 4096, "skip_patterns": only_first_block}, progress=False)
-    from diffq.api import quantized_modules
+    from diffq.modules import quantized_modules
 
     # lr_down [K, r], lr_up [r, N] with K = in_features x kernel area
     shapes = [(m.lr_down.shape[1], m.lr_down.shape[0], m.lr_up.shape[1])
@@ -184,13 +181,13 @@ def test_bit_plan_for_other_layers_is_refused(sd):
     pipe = copy.deepcopy(sd)
     with pytest.raises(RecipeError, match="does not have.*another model"):
         diffq.quantize(pipe, "mixed", plan={"down_blocks.9.attn.to_q": "w8a8"}, progress=False)
-    assert not diffq.api.is_quantized(pipe)
+    assert not is_quantized(pipe)
 
 
 @pytest.mark.parametrize("call", ["calibrate", "quantize", "generate", "prompt_list"])
 def test_empty_prompt_lists(sd, call):
+    from diffq.eval.prompts import prompt_list
     from diffq.generation import generate
-    from diffq.prompts import prompt_list
 
     with pytest.raises(DiffqError, match="prompt"):
         if call == "calibrate":
@@ -208,13 +205,13 @@ def test_empty_prompt_lists(sd, call):
                                                                                       "group", "group_size": -8}}])
 def test_bits_out_of_range(bad):
     with pytest.raises(RecipeError) as e:
-        diffq.recipe.Recipe.from_dict(bad)
+        diffq.quantization.recipe.Recipe.from_dict(bad)
     assert "use one of" in str(e.value) or "positive integer" in str(e.value)
 
 
 def test_unknown_preset_and_family():
     from diffq.errors import UnsupportedModelError
-    from diffq.presets import get_preset
+    from diffq.quantization.presets import get_preset
 
     with pytest.raises(RecipeError, match="presets: w8a8"):
         get_preset("w3a3")
@@ -297,14 +294,14 @@ def test_damaged_checkpoints_are_refused(saved, tmp_path, case):
     pipe = copy.deepcopy(base)
     with pytest.raises(CheckpointError, match=expect):
         diffq.load(ck, pipe)
-    assert not diffq.api.is_quantized(pipe)
-    assert not diffq.api.quantized_modules(pipe.unet), "a refused load must not leave swapped layers behind"
+    assert not is_quantized(pipe)
+    assert not quantized_modules(pipe.unet), "a refused load must not leave swapped layers behind"
 
 
 def test_intact_checkpoint_still_loads(saved):
     base, src = saved
     pipe = diffq.load(src, copy.deepcopy(base))
-    assert diffq.api.is_quantized(pipe) and diffq.api.quantized_modules(pipe.unet)
+    assert is_quantized(pipe) and quantized_modules(pipe.unet)
 
 
 # ================================================================================ 3c. fuzzing
@@ -318,7 +315,7 @@ def _no_crash(fn, x):
 @FUZZ
 @given(fc.recipe_dicts() | fc._json_values())
 def test_fuzz_recipe_from_dict(d):
-    _no_crash(diffq.recipe.Recipe.from_dict, d)
+    _no_crash(diffq.quantization.recipe.Recipe.from_dict, d)
 
 
 @FUZZ
@@ -326,20 +323,20 @@ def test_fuzz_recipe_from_dict(d):
 def test_fuzz_recipe_files(tmp_path_factory, data):
     p = tmp_path_factory.mktemp("r") / "recipe.yaml"
     p.write_bytes(data)
-    _no_crash(lambda q: diffq.recipe.load_recipe_files([q]), p)
+    _no_crash(lambda q: diffq.load_recipe_files([q]), p)
 
 
 @FUZZ
 @given(st.lists(st.text(max_size=16) | st.sampled_from(["rank=8", "weight.group_size=7", "weight.dtype=int3",
                                                         "weight=null", "act.granularity=block"]), max_size=4))
 def test_fuzz_recipe_overrides(items):
-    _no_crash(diffq.recipe.Recipe().with_overrides, items)
+    _no_crash(diffq.quantization.recipe.Recipe().with_overrides, items)
 
 
 @FUZZ
 @given(fc.bitplan_dicts())
 def test_fuzz_bitplan_dict(d):
-    from diffq.allocation import BitPlan
+    from diffq.mixed.plan import BitPlan
 
     _no_crash(lambda x: BitPlan.from_dict(x).summary(), d)
 
@@ -347,7 +344,7 @@ def test_fuzz_bitplan_dict(d):
 @FUZZ
 @given(fc.file_payloads(fc.bitplan_dicts()))
 def test_fuzz_bitplan_file(tmp_path_factory, data):
-    from diffq.allocation import BitPlan
+    from diffq.mixed.plan import BitPlan
 
     p = tmp_path_factory.mktemp("p") / "plan.json"
     p.write_bytes(data)
@@ -389,14 +386,15 @@ def test_cli_errors_are_one_line(cli_dir, monkeypatch, capsys):
 
 # ================================================================================ 5. numerical faults
 def test_check_finite_names_layer_and_step(sd):
-    from diffq.api import quantized_modules
     from diffq.generation import generate
+    from diffq.modules import quantized_modules
     from diffq.numerics import check_finite
+    from diffq.quantization.state import quant_state
 
     pipe = copy.deepcopy(sd)
     diffq.quantize(pipe, "w8a8", progress=False)
     name, mod = next((n, m) for n, m in quantized_modules(pipe.unet).items() if m.bias is not None)
-    tracker = pipe.unet._diffq_tracker
+    tracker = quant_state(pipe.unet).tracker
     start = tracker.calls
 
     def poison(m, args):  # from the second denoiser call on, this layer's bias is NaN
@@ -412,13 +410,14 @@ def test_check_finite_names_layer_and_step(sd):
 
 
 def test_check_finite_blames_upstream_and_env_switch(sd, monkeypatch):
-    from diffq.api import quantized_modules
     from diffq.generation import generate
+    from diffq.modules import quantized_modules
+    from diffq.quantization.state import quant_state
 
     monkeypatch.setenv("DIFFQ_CHECK_FINITE", "1")
     pipe = copy.deepcopy(sd)
     diffq.quantize(pipe, "w8a8", progress=False)
-    assert pipe.unet._diffq_finite_check.handles
+    assert quant_state(pipe.unet).finite_check.handles
     name, mod = list(quantized_modules(pipe.unet).items())[3]
     mod.register_forward_pre_hook(lambda m, args: (args[0] * float("inf"),) + tuple(args[1:]), prepend=True)
     with pytest.raises(QuantizationError, match=f"'denoiser/{re.escape(name)}'.*step 0.*already non-finite"):
@@ -426,7 +425,7 @@ def test_check_finite_blames_upstream_and_env_switch(sd, monkeypatch):
     monkeypatch.delenv("DIFFQ_CHECK_FINITE")
     clean = copy.deepcopy(sd)
     diffq.quantize(clean, "w8a8", progress=False)
-    assert getattr(clean.unet, "_diffq_finite_check", None) is None
+    assert quant_state(clean.unet).finite_check is None
 
 
 def test_scales_are_never_zero_or_denormal():

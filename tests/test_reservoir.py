@@ -6,7 +6,7 @@ import torch
 
 from diffq.calibration import CalibrationStats, calibrate
 from diffq.calibration.reservoir import InputReservoir
-from diffq.layers import quantizable_layers
+from diffq.modules.layers import quantizable_layers
 from diffq.pipelines.testing import tiny_pipeline
 
 

@@ -6,18 +6,22 @@ import pytest
 import torch
 from torch import nn
 
-import diffq.sensitivity_analysis as sens_mod
+import diffq.mixed.measure as sens_mod
 from diffq import quantize
-from diffq.allocation import allocate, uniform_plan
 from diffq.errors import CalibrationError, CheckpointError, RecipeError
+from diffq.eval import image_distance
 from diffq.generation import generate
+from diffq.mixed.allocate import allocate, uniform_plan
+from diffq.mixed.measure import sensitivity
+from diffq.mixed.plan import DENSE
+from diffq.mixed.table import CONDITIONING_JUDGES, SensitivityTable
+from diffq.mixed.units import group_layers
 from diffq.modules import QuantConv2d, QuantLinear
 from diffq.pipelines.testing import tiny_pipeline
-from diffq.sensitivity_analysis import CONDITIONING_JUDGES, DENSE, SensitivityTable, group_layers, sensitivity
 
 PROMPTS = ["a photo of a cat", "a red car"]
 KW = {"prompts": PROMPTS, "candidates": ("w8a8", "w4a8"), "num_inference_steps": 2, "guidance_scale": 5.0,
-      "progress": False}
+      "progress": False, "quality": image_distance("ssim")}
 LAYERS = r"^(down_blocks\.0\.attentions|mid_block\.resnets\.0)\."
 
 
@@ -156,7 +160,7 @@ def test_plan_quantizes_with_mixed_recipe(cached, tmp_path):
 
 
 def test_plots_write_pngs(cached, tmp_path):
-    from diffq.sensitivity_plots import plot_plan, plot_sensitivity
+    from diffq.mixed.plots import plot_plan, plot_sensitivity
 
     table, _ = cached
     plan = allocate(table, budget=8.0)
@@ -182,6 +186,8 @@ def test_bad_arguments(pipe):
         sensitivity(pipe, metrics=("speed",), **KW)
     with pytest.raises(RecipeError, match="groups"):
         sensitivity(pipe, groups="layerwise", scorer=brightness, **KW)
+    with pytest.raises(RecipeError, match=r"image_distance\('ssim'\)"):
+        sensitivity(pipe, **dict(KW, quality=None))
 
 
 def test_grouping():

@@ -1,7 +1,7 @@
 """Where the activation scale for step t comes from.
 
 From a layer's per-step statistics: choose the timestep groups (:mod:`grouping`), take each
-group's clipped range (:mod:`clipping`, per channel segment for split shortcuts), and build the
+group's clipped range (:mod:`range_clipping`, per channel segment for split shortcuts), and build the
 bucket -> group table that the ActQuantizer looks up at inference.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from diffq.calibration.clipping import choose_range, hist_mse
 from diffq.calibration.container import CalibrationStats
 from diffq.calibration.grouping import auto_groups, bucket_table, fixed_groups
+from diffq.calibration.range_clipping import choose_range, hist_mse
 
 
 def step_groups(stats: CalibrationStats, name: str, groups: int | None, threshold: float) -> tuple[list[int], list[int]]:

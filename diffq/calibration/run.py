@@ -19,11 +19,12 @@ from diffq.calibration.reservoir import InputReservoir
 from diffq.calibration.stats import LayerStats
 from diffq.errors import CalibrationError
 from diffq.fingerprint import weights_fingerprint
-from diffq.generation import generate, progress_enabled
+from diffq.generation import generate
 from diffq.io import remove_stale_temps
-from diffq.layers import quantizable_layers, structure_fingerprint
-from diffq.modules.timestep import attach_tracker
+from diffq.modules.layers import quantizable_layers, structure_fingerprint
+from diffq.modules.timestep import TimestepTracker, register_timestep_hook
 from diffq.pipelines.adapters import adapter_for
+from diffq.progress import progress_enabled
 
 
 def uniform_steps(num_steps: int, k: int | None) -> list[int]:
@@ -86,7 +87,7 @@ def calibrate(
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
     layers = quantizable_layers(denoiser)
-    tracker = attach_tracker(denoiser, adapter.timestep_of)
+    tracker = TimestepTracker()  # this run's own: removed with the other hooks at the end
     recorded = set(uniform_steps(num_inference_steps, record_steps))
     stats: dict[str, LayerStats] = {}
     step_buckets = [-1] * num_inference_steps
@@ -158,7 +159,8 @@ def calibrate(
 
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(n, m)) for n, m in layers.items()]
+    handles = [register_timestep_hook(denoiser, adapter.timestep_of, lambda _m: tracker)]
+    handles += [m.register_forward_pre_hook(make_hook(n, m)) for n, m in layers.items()]
     handles += [m.register_forward_hook(make_operand_hook(n)) for n, m in operand_mods.items()]
     seeds = [seed + i for i in range(len(all_prompts))]
     bar = tqdm(total=len(all_prompts), initial=done, desc="calibrate", disable=not progress_enabled(progress))

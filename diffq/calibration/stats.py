@@ -19,11 +19,6 @@ LOG2_MIN, LOG2_MAX, BINS_PER_OCTAVE = -24, 24, 8
 HIST_BINS = (LOG2_MAX - LOG2_MIN) * BINS_PER_OCTAVE
 
 
-def bin_edges() -> torch.Tensor:
-    """Upper edges of the |x| histogram bins, [HIST_BINS] float64."""
-    return torch.exp2(torch.arange(1, HIST_BINS + 1, dtype=torch.float64) / BINS_PER_OCTAVE + LOG2_MIN)
-
-
 def bin_centers() -> torch.Tensor:
     return torch.exp2((torch.arange(HIST_BINS, dtype=torch.float64) + 0.5) / BINS_PER_OCTAVE + LOG2_MIN)
 

@@ -1,8 +1,11 @@
-"""Thin torch modules that hold quantized state: QuantLinear, QuantConv2d, ActQuantizer."""
+"""Thin torch modules that hold quantized state: QuantLinear, QuantConv2d, ActQuantizer; which
+layers of a denoiser are quantizable; the timestep tracker the activation quantizers read."""
 
-from diffq.modules.act_quant import ActQuantizer
+from diffq.modules.activation import ActQuantizer
+from diffq.modules.layers import in_out, quantizable_layers, quantized_modules, structure_fingerprint
 from diffq.modules.quant_linear import QuantConv2d, QuantLinear, conv_weight_rows
-from diffq.modules.timestep import NUM_BUCKETS, TimestepTracker, attach_tracker
+from diffq.modules.swap import set_submodule
+from diffq.modules.timestep import NUM_BUCKETS, TimestepTracker, register_timestep_hook
 
 __all__ = [
     "NUM_BUCKETS",
@@ -10,6 +13,11 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "TimestepTracker",
-    "attach_tracker",
     "conv_weight_rows",
+    "in_out",
+    "quantizable_layers",
+    "quantized_modules",
+    "register_timestep_hook",
+    "set_submodule",
+    "structure_fingerprint",
 ]

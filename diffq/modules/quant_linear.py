@@ -20,8 +20,9 @@ from torch import nn
 
 from diffq.errors import ShapeError
 from diffq.formats import QTensor
-from diffq.modules.act_quant import ActQuantizer
-from diffq.modules.qweight import dequantize_weight, held_bytes, register_qweight
+from diffq.modules.activation import ActQuantizer
+from diffq.modules.qweight import dequantize_weight, register_qweight
+from diffq.sizes import module_bytes
 
 
 def _fused_kernel(module: nn.Module, x: torch.Tensor):
@@ -60,7 +61,6 @@ class _QuantBase(nn.Module):
         self.register_buffer("smooth", None if smooth is None else smooth.detach().float().contiguous())
         self.act = act
         self.compute_dtype = dtype
-        self.kernel = None  # set by diffq.kernels dispatch when a fused kernel fits
 
     @property
     def rank(self) -> int:
@@ -68,7 +68,7 @@ class _QuantBase(nn.Module):
 
     def storage_bytes(self) -> int:
         """Bytes this module holds (codes, scales, zeros, bias, low-rank, smoothing, act tables)."""
-        return held_bytes(self)
+        return module_bytes(self)
 
     def dense_bytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """Bytes of the dense layer it replaced, in ``dtype``."""
@@ -109,7 +109,7 @@ class QuantLinear(_QuantBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"QuantLinear expects [..., {self.in_features}] input, got {tuple(x.shape)}")
-        kernel = self.kernel if self.kernel is not None else _fused_kernel(self, x)
+        kernel = _fused_kernel(self, x)
         if kernel is not None:
             return kernel(self, x)
         x_s = x if self.smooth is None else x / self.smooth.to(x.dtype)
@@ -168,7 +168,7 @@ class QuantConv2d(_QuantBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ShapeError(f"QuantConv2d expects [B, {self.in_channels}, H, W] input, got {tuple(x.shape)}")
-        kernel = self.kernel if self.kernel is not None else _fused_kernel(self, x)
+        kernel = _fused_kernel(self, x)
         if kernel is not None:
             return kernel(self, x)
         x_s = x if self.smooth is None else x / self.smooth.to(x.dtype).view(1, -1, 1, 1)

@@ -41,15 +41,3 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> 
     """Dense weight [N, K] in ``dtype`` (the reference path; kernels never materialise this)."""
     zero = None if module.wzero is None else module.wzero.float()
     return dequantize_parts(weight_codes(module), weight_scale(module), module.wspec, zero, dtype=dtype)
-
-
-def held_bytes(module: nn.Module) -> int:
-    """Bytes of every tensor the module holds (buffers and parameters, recursively)."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(module.buffers()) + list(module.parameters()):
-        if t is None or id(t) in seen:
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    return total

@@ -34,21 +34,18 @@ class TimestepTracker:
 TimestepGetter = Callable[[tuple, dict], "float | torch.Tensor | None"]
 
 
-def attach_tracker(denoiser: nn.Module, timestep_of: TimestepGetter) -> TimestepTracker:
-    """Install (once) a pre-hook that feeds the denoiser's timestep to a tracker; returns the tracker."""
-    existing = getattr(denoiser, "_diffq_tracker", None)
-    if existing is not None:
-        return existing
-    tracker = TimestepTracker()
+def register_timestep_hook(
+    denoiser: nn.Module, timestep_of: TimestepGetter, tracker_of: Callable[[nn.Module], TimestepTracker]
+):
+    """Feed every call's timestep to ``tracker_of(denoiser)``; returns the hook handle.
+
+    The tracker is looked up on the called module at each call, not captured: a deep-copied
+    denoiser shares this hook function but must drive its own (copied) tracker.
+    """
 
     def hook(module, args, kwargs):
-        # look the tracker up on the module, not in this closure: a deep-copied denoiser shares this
-        # hook function but must drive its own (copied) tracker
         t = timestep_of(args, kwargs)
         if t is not None:
-            module._diffq_tracker.set_timestep(t)
+            tracker_of(module).set_timestep(t)
 
-    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
-    denoiser._diffq_tracker = tracker
-    denoiser._diffq_tracker_handle = handle
-    return tracker
+    return denoiser.register_forward_pre_hook(hook, with_kwargs=True)

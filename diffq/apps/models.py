@@ -17,7 +17,7 @@ from diffq.errors import MissingWeightsError
 
 def load_model(name: str, *, dtype: torch.dtype | None = None, device: str | None = None):
     if name.startswith("digits-"):
-        from diffq.pipelines.demo import demo_pipeline
+        from diffq.pipelines.demo_models import demo_pipeline
 
         pipe = demo_pipeline(name)
     elif name.startswith("tiny-"):

@@ -1,23 +1,29 @@
 """Recipes: typed, stackable descriptions of *how* to quantize a pipeline.
 
-A ``Recipe`` is a dataclass that loads from YAML/JSON files (later files override earlier ones)
-and accepts ``key=value`` overrides (dotted for the specs, e.g. ``weight.group_size=128``), so
-the CLI, Python and config files all build the same object. Presets live in :mod:`diffq.presets`.
+A ``Recipe`` is a frozen dataclass that accepts ``key=value`` overrides (dotted for the specs,
+e.g. ``weight.group_size=128``) and loads from stacked YAML/JSON files
+(:func:`diffq.quantization.presets.load_recipe_files`), so the CLI, Python and config files all build
+the same object. Named recipes live in :mod:`diffq.quantization.presets`.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+import re
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from diffq.errors import FormatError, RecipeError
 from diffq.formats import QuantSpec
-from diffq.methods.clipping import CLIP_METHODS
+from diffq.methods.weight_clipping import CLIP_METHODS
+from diffq.pipelines.roles import ROLES
 
 DEFAULT_SKIP_ROLES = ("embed", "adanorm", "io")
+#: fields of older diffq versions that are read and ignored, so their checkpoints still load:
+#: ``bos_aware`` kept the first token of text encoders in 16 bits, which per-token scales made a no-op
+REMOVED_FIELDS = ("bos_aware",)
 
 
 @dataclass(frozen=True)
@@ -36,14 +42,16 @@ class Recipe:
         layer is not an error.
     Group sizes (``weight``/``act`` with granularity ``group``) that do not divide a layer's input
         width are halved until they do (down to 8), else that layer uses one scale per row; see
-        :func:`diffq.selection.fit_group`.
+        :func:`diffq.quantization.selection.fit_group`.
     split_shortcut: separate activation scales for the [main, skip] halves of UNet up-block inputs.
     skip_roles / skip_patterns / include_patterns: which layers stay in 16 bits (roles from
         :mod:`diffq.pipelines.roles`; regexes on module names; includes win over skips).
+        Text-encoder layers ignore them (every Linear of at least ``min_features`` is quantized).
     min_features: layers with fewer input or output features stay in 16 bits.
     bit_plan: path of a BitPlan JSON (``mixed`` recipe): per-layer preset names.
-    text_encoder: also quantize the text encoders (weights ``weight`` format, W8A8 activations
-        with the BOS token kept in 16 bits when ``bos_aware``).
+    text_encoder: also quantize every Linear of the text encoders with the same ``weight`` format
+        and ``act`` format (dynamic scales per token when ``act`` is static: the text encoders are
+        not calibrated), without smoothing or a low-rank branch.
     """
 
     name: str = "custom"
@@ -64,7 +72,6 @@ class Recipe:
     min_features: int = 16
     bit_plan: str | None = None
     text_encoder: bool = False
-    bos_aware: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -83,7 +90,7 @@ class Recipe:
                        "a string like 'int4:g64', or null")
         if not isinstance(self.name, str):
             bad("name", "a string")
-        for k in ("act_static", "split_shortcut", "text_encoder", "bos_aware"):
+        for k in ("act_static", "split_shortcut", "text_encoder"):
             if not isinstance(getattr(self, k), bool):
                 bad(k, "true or false")
         for k in ("rank", "min_features"):
@@ -110,11 +117,14 @@ class Recipe:
                 bad(k, f"one of {list(CLIP_METHODS)}")
 
     def validate(self) -> None:
-        from diffq.pipelines.roles import ROLES
-
         self._check_types()
         if self.weight is None and self.bit_plan is None:
             raise RecipeError(f"recipe {self.name!r} quantizes nothing: set weight (e.g. int8) or bit_plan")
+        if self.text_encoder and self.weight is None:
+            raise RecipeError(
+                f"recipe {self.name!r}: text_encoder=True quantizes the text encoders with the recipe's weight "
+                f"format, and this recipe has none (a bit plan covers the denoiser only); set weight too"
+            )
         for c, label in ((self.weight_clip, "weight_clip"), (self.act_clip, "act_clip")):
             if c not in CLIP_METHODS:
                 raise RecipeError(f"{label}={c!r} is not one of {list(CLIP_METHODS)}")
@@ -145,8 +155,6 @@ class Recipe:
         if self.min_features < 0:
             raise RecipeError("min_features must be >= 0")
         for p in self.skip_patterns + self.include_patterns:
-            import re
-
             try:
                 re.compile(p)
             except re.error as e:
@@ -168,6 +176,7 @@ class Recipe:
         if not isinstance(d, dict):
             raise RecipeError(f"a recipe must be a mapping, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k not in REMOVED_FIELDS}
         unknown = set(d) - names
         if unknown:
             raise RecipeError(f"unknown recipe fields {sorted(unknown, key=str)}; valid fields: {sorted(names)}")
@@ -233,36 +242,16 @@ def _spec_from_str(s: str) -> QuantSpec | None:
 
 
 def _parse_value(v: str) -> Any:
+    """JSON (``16``, ``null``, ``["a"]``), else a Python literal tuple/list (``()``, ``('io',)``), else
+    the string itself."""
     try:
         return json.loads(v)
     except json.JSONDecodeError:
-        return v
-
-
-def load_recipe_files(paths: list[str | Path], base: Recipe | None = None) -> Recipe:
-    """Stack YAML/JSON recipe files: each file's keys override the previous result."""
-    import yaml
-
-    d = (base or Recipe()).to_dict()
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise RecipeError(f"recipe file {str(p)!r} does not exist")
+        pass
+    if v and v[0] in "([":
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise RecipeError(f"recipe file {str(p)!r} is not UTF-8 text ({e.reason}); save it as UTF-8") from e
-        except (yaml.YAMLError, RecursionError) as e:
-            raise RecipeError(f"recipe file {str(p)!r} is not valid YAML/JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise RecipeError(f"recipe file {str(p)!r} must hold a mapping of recipe fields")
-        if "preset" in data:
-            from diffq.presets import get_preset
-
-            d = get_preset(data.pop("preset")).to_dict()
-        d.update(data)
-    return Recipe.from_dict(d)
-
-
-def replace_recipe(r: Recipe, **kw: Any) -> Recipe:
-    return replace(r, **kw)
+            value = ast.literal_eval(v)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return v
+        return list(value) if isinstance(value, tuple) else value
+    return v

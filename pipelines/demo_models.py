@@ -2,10 +2,10 @@
 
 Why: quantization quality (FID, CLIP score, accuracy of what gets drawn) must be measurable in CI and
 on a laptop with no network.  These are small but *real* diffusers pipelines trained on MNIST-5k
-(``scripts/train_digits_*.py``), loaded from ``pipelines/assets/<name>`` with ``local_files_only``:
+(``python -m scripts.train_digits_*``), loaded from ``pipelines/assets/<name>`` with ``local_files_only``:
 
 * ``digits-sd``  -- ``StableDiffusionPipeline`` (AutoencoderKL 32x32 -> 8x8x4, UNet2DConditionModel
-  channels (32, 64) with cross-attention on digits-clip's CLIPTextModel, DDIM scheduler -- see scripts/train_digits_sd.py:sampling_scheduler);
+  channels (32, 64) with cross-attention on digits-clip's CLIPTextModel, DDIM scheduler -- see scripts/train_digits_sd.py, sampling_scheduler);
 * ``digits-dit`` -- class-conditional ``DiTPipeline`` (DiTTransformer2DModel, hidden 128, 4 adaLN-zero
   blocks) on the same VAE; prompts map to classes via :func:`digit_class_from_prompt`;
 * ``digits-clip`` -- a tiny ``transformers.CLIPModel`` whose text tower is digits-sd's text encoder;
@@ -35,10 +35,10 @@ DIGIT_WORDS: tuple[str, ...] = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
 )
 _TRAIN_SCRIPT = {
-    "digits-sd": "scripts/train_digits_sd.py",
-    "digits-dit": "scripts/train_digits_dit.py",
-    CLIP_NAME: "scripts/train_digits_clip.py",
-    HELDOUT_NAME: "scripts/train_digits_clip.py (writes the held-out split too)",
+    "digits-sd": "-m scripts.train_digits_sd",
+    "digits-dit": "-m scripts.train_digits_dit",
+    CLIP_NAME: "-m scripts.train_digits_clip",
+    HELDOUT_NAME: "-m scripts.train_digits_clip (writes the held-out split too)",
 }
 
 
@@ -202,28 +202,3 @@ def digit_class_from_prompt(prompt: str) -> int:
     raise CalibrationError(
         f"prompt {prompt!r} names no digit; digits-dit is class-conditional -- use e.g. 'the digit 7' or 'seven'"
     )
-
-
-@torch.no_grad()
-def generate(pipe, prompts: list[str], *, num_inference_steps: int = 20, guidance_scale: float = 5.0,
-             seed: int = 0) -> torch.Tensor:
-    """Images for ``prompts`` from either demo pipeline, float32 ``[N, 3, 32, 32]`` in [0, 1].
-
-    One seeded CPU generator for the whole batch, so the same call gives the same images.
-    """
-    gen = torch.Generator("cpu").manual_seed(seed)
-    from diffusers import DiTPipeline
-
-    if isinstance(pipe, DiTPipeline):
-        ids = [digit_class_from_prompt(p) for p in prompts]
-        out = pipe(class_labels=ids, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                   generator=gen, output_type="pt")
-    else:
-        latents = torch.randn((len(prompts), pipe.unet.config.in_channels, pipe.unet.config.sample_size,
-                               pipe.unet.config.sample_size), generator=gen)
-        out = pipe(list(prompts), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                   latents=latents.to(pipe.device), output_type="pt")
-    images = out.images
-    if not torch.is_tensor(images):  # DiTPipeline returns numpy for output_type != "pil"
-        images = torch.as_tensor(images).permute(0, 3, 1, 2)
-    return images.float().cpu().clamp(0, 1)

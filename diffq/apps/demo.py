@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from diffq.bench import BenchConfig, BenchResult, run_bench
+from diffq.apps.bench import BenchConfig, BenchResult, run_bench
 from diffq.io import write_text_atomic
 
 DEFAULT_RECIPES = ["fp", "w8a8", "w8a8-static", "w4a8", "w4a16", "w4a4", "w4a4-svd", "fp8", "fp4"]

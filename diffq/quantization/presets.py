@@ -1,11 +1,16 @@
-"""Named recipes. Each is a plain :class:`~diffq.recipe.Recipe`; print one with
-``diffq quantize --preset NAME --show-recipe`` and override any field."""
+"""Named recipes, and the ways to name a recipe: a preset, a dict of fields, stacked YAML files.
+
+Each preset is a plain :class:`~diffq.quantization.recipe.Recipe`; print one with
+``diffq quantize --preset NAME --show-recipe`` and override any field.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from diffq.errors import RecipeError
 from diffq.formats import NVFP4, QuantSpec
-from diffq.recipe import Recipe
+from diffq.quantization.recipe import Recipe
 
 _INT8_CH = QuantSpec("int8", "channel")
 _INT8_TOK = QuantSpec("int8", "token")
@@ -72,3 +77,27 @@ def resolve_recipe(recipe: Recipe | str | dict) -> Recipe:
         base.update(d)
         return Recipe.from_dict(base)
     raise RecipeError(f"a recipe is a Recipe, a preset name or a dict, not {type(recipe).__name__}")
+
+
+def load_recipe_files(paths: list[str | Path], base: Recipe | None = None) -> Recipe:
+    """Stack YAML/JSON recipe files: each file's keys override the previous result; a ``preset`` key
+    starts that file from the named preset."""
+    import yaml
+
+    d = (base or Recipe()).to_dict()
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise RecipeError(f"recipe file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"recipe file {str(p)!r} is not UTF-8 text ({e.reason}); save it as UTF-8") from e
+        except (yaml.YAMLError, RecursionError) as e:
+            raise RecipeError(f"recipe file {str(p)!r} is not valid YAML/JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe file {str(p)!r} must hold a mapping of recipe fields")
+        if "preset" in data:
+            d = get_preset(data.pop("preset")).to_dict()
+        d.update(data)
+    return Recipe.from_dict(d)

@@ -6,7 +6,7 @@ import hashlib
 
 from torch import nn
 
-from diffq.modules import QuantConv2d, QuantLinear
+from diffq.modules.quant_linear import QuantConv2d, QuantLinear
 
 
 def is_quantizable(m: nn.Module) -> bool:
@@ -38,3 +38,8 @@ def structure_fingerprint(denoiser: nn.Module) -> str:
         i, o = in_out(m)
         h.update(f"{n}:{i}:{o};".encode())
     return h.hexdigest()
+
+
+def quantized_modules(root: nn.Module) -> dict[str, QuantLinear | QuantConv2d]:
+    """Qualified name -> every QuantLinear / QuantConv2d under ``root``."""
+    return {n: m for n, m in root.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}

@@ -8,13 +8,12 @@ Commands
 --------
 One process (resumable: rerun the same command after an interruption)::
 
-    python -m diffq.eval.generate_sharded --model digits-sd --prompts digits --num-prompts 1000 \\
-        --cache runs/cache
+    diffq generate --model digits-sd --prompts digits --num-prompts 1000 --cache runs/cache
 
 Data-parallel over the GPUs of one machine (process ``i`` of ``N`` takes jobs ``i, i+N, ...``; all
 processes write into the same cache folder, which must be shared storage across machines)::
 
-    accelerate launch --multi_gpu --num_processes 4 -m diffq.eval.generate_sharded \\
+    accelerate launch --multi_gpu --num_processes 4 -m diffq.cli generate \\
         --model digits-sd --prompts digits --num-prompts 1000 --cache runs/cache
 
 Several machines: add ``--num_machines M --machine_rank R --main_process_ip HOST`` as usual for
@@ -37,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -184,8 +181,8 @@ def generate_sharded(generate_fn: GenerateFn, jobs: Sequence[GenerationJob], cac
 
 def run(cfg: ShardedGenerationConfig) -> ShardReport:
     """Load the model (and checkpoint), build the jobs, generate this process's shard."""
-    from diffq.models import load_model
-    from diffq.prompts import prompt_list
+    from diffq.apps.models import load_model
+    from diffq.eval.prompts import prompt_list
 
     recipe = checkpoint_recipe_id(cfg.checkpoint)
     prompts = prompt_list(cfg.prompts, cfg.num_prompts)
@@ -228,29 +225,3 @@ def config_from_args(args: argparse.Namespace) -> ShardedGenerationConfig:
         height=args.height, width=args.width, checkpoint=args.checkpoint, batch_size=args.batch_size,
         out=args.out, progress=not getattr(args, "quiet", False),
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done, 1 a diffq error (one line on stderr), 2 bad arguments."""
-    p = argparse.ArgumentParser(prog="python -m diffq.eval.generate_sharded",
-                                description="Generate a prompt set into the diffq image cache (resumable; "
-                                            "data-parallel under `accelerate launch`).")
-    add_arguments(p)
-    p.add_argument("--json", action="store_true", help="print this process's shard report as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    try:
-        report = run(config_from_args(args))
-    except DiffqError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(report.to_dict()))
-    elif report.rank == 0:
-        print(f"{len(report.keys)} images in shard {report.rank}/{report.world_size} "
-              f"({report.generated} generated, {report.cached} cached) -> {args.cache}; records in {report.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from torch import nn
 
 from diffq.errors import RecipeError
 from diffq.formats import QuantSpec, pack_multiple
-from diffq.layers import in_out, quantizable_layers
-from diffq.pipelines.roles import role_of
-from diffq.recipe import Recipe
+from diffq.modules.layers import in_out, quantizable_layers
+from diffq.pipelines.roles import role_of as common_role_of
+from diffq.quantization.presets import get_preset
+from diffq.quantization.recipe import Recipe
 
 MIN_GROUP = 8
+#: the bit-plan entry that keeps a layer dense (16 bits)
+KEEP_DENSE = "fp16"
 
 
 @dataclass
@@ -53,13 +57,18 @@ def _row_spec(spec: QuantSpec, is_act: bool) -> QuantSpec:
                    scale_dtype="fp32" if spec.scale_dtype in ("e4m3", "e8m0") else spec.scale_dtype)
 
 
-def choose_layers(denoiser: nn.Module, recipe: Recipe, plan: dict[str, str] | None = None) -> list[LayerChoice]:
+def choose_layers(
+    denoiser: nn.Module,
+    recipe: Recipe,
+    plan: dict[str, str] | None = None,
+    *,
+    role_of: Callable[[str], str] = common_role_of,
+) -> list[LayerChoice]:
     """A LayerChoice for every quantizable layer, in module order.
 
     plan: for the ``mixed`` recipe, layer name -> preset name (or "fp16" to keep it dense).
+    role_of: layer name -> canonical role (the family adapter's :meth:`role_of`).
     """
-    from diffq.presets import get_preset
-
     includes = [re.compile(p) for p in recipe.include_patterns]
     skips = [re.compile(p) for p in recipe.skip_patterns]
     layers = quantizable_layers(denoiser)
@@ -80,7 +89,7 @@ def choose_layers(denoiser: nn.Module, recipe: Recipe, plan: dict[str, str] | No
         layer_recipe = recipe
         if plan is not None:
             choice = plan.get(name)
-            if choice is None or choice == "fp16":
+            if choice is None or choice == KEEP_DENSE:
                 ch.skip = "bit plan keeps it in 16 bits" if choice else "not in the bit plan"
                 continue
             layer_recipe = get_preset(choice)
@@ -95,8 +104,11 @@ def choose_layers(denoiser: nn.Module, recipe: Recipe, plan: dict[str, str] | No
             ch.skip = f"smaller than min_features={recipe.min_features}"
             continue
         w = layer_recipe.weight
+        if w is None:
+            ch.skip = "recipe has no weight format"
+            continue
         fitted = fit_group(w, cin)
-        ch.weight = fitted if fitted is not None or w is None else _row_spec(w, False)
+        ch.weight = fitted if fitted is not None else _row_spec(w, False)
         a = layer_recipe.act
         fitted_a = fit_group(a, cin)
         ch.act = fitted_a if fitted_a is not None or a is None else _row_spec(a, True)

@@ -14,22 +14,23 @@ Writes ``grid.png`` (rows prompts, columns recipes), ``metrics.json``, a quality
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from diffq.api import module_bytes, quantize
+from diffq.apps.models import load_model
 from diffq.calibration import calibrate
 from diffq.errors import DiffqError, MissingWeightsError
-from diffq.generation import generate, progress_enabled
+from diffq.eval.prompts import prompt_list
+from diffq.generation import generate
 from diffq.io import write_json_atomic
-from diffq.models import load_model
 from diffq.pipelines.adapters import adapter_for
-from diffq.presets import get_preset
-from diffq.prompts import prompt_list
+from diffq.quantization.apply import quantize
+from diffq.quantization.presets import get_preset
+from diffq.quantization.state import require_state
+from diffq.sizes import module_bytes
 from diffq.timing import peak_memory_bytes, reset_peak, time_call
 
 REFERENCE = ("fp16", "fp32", "bf16", "fp")
@@ -131,7 +132,7 @@ class Judge:
         self.clip = None
         self.real = None
         if model.startswith("digits-"):
-            from diffq.pipelines.demo import digits_clip, heldout_digits
+            from diffq.pipelines.demo_models import digits_clip, heldout_digits
 
             self.clip = digits_clip()
             self.real = heldout_digits()
@@ -146,7 +147,7 @@ class Judge:
         return clip_score_digits(self.clip, images, prompts)
 
     def accuracy(self, images: torch.Tensor, prompts: list[str]) -> float | None:
-        from diffq.pipelines.demo import digit_class_from_prompt
+        from diffq.pipelines.demo_models import digit_class_from_prompt
 
         try:
             labels = torch.tensor([digit_class_from_prompt(p) for p in prompts])
@@ -287,7 +288,7 @@ def evaluate_checkpoint(model: str, checkpoint: str, *, prompts: str = "digits",
     ref = generate(base, ps, seeds, progress=progress, desc="generate fp", **kw)
     imgs = generate(q, ps, seeds, progress=progress, desc="generate quantized", **kw)
     judge = Judge(model)
-    name = adapter_for(q).denoiser(q)._diffq_recipe.name
+    name = require_state(adapter_for(q).denoiser(q), 'diffq eval').recipe.name
     rows = []
     for label, im, pipe in (("fp", ref, base), (name, imgs, q)):
         r = RecipeResult(label)
@@ -304,8 +305,4 @@ def evaluate_checkpoint(model: str, checkpoint: str, *, prompts: str = "digits",
     return result
 
 
-def load_metrics(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-__all__ = ["BenchConfig", "BenchResult", "RecipeResult", "evaluate_checkpoint", "progress_enabled", "run_bench"]
+__all__ = ["BenchConfig", "BenchResult", "RecipeResult", "evaluate_checkpoint", "run_bench"]

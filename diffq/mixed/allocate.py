@@ -10,7 +10,7 @@ hundreds of units:
                sum_{u,c} cost[u,c] x[u,c] <= budget
                x binary
 
-``s`` is :meth:`diffq.sensitivity_analysis.SensitivityTable.combined`; ``cost`` depends on ``budget_kind``:
+``s`` is :meth:`diffq.mixed.table.SensitivityTable.combined`; ``cost`` depends on ``budget_kind``:
 
 * ``avg_bits``: stored bits per weight over the table's layers, ``8 * bytes / weights`` (scales,
   zero points and biases included, so the number is what the checkpoint really holds);
@@ -22,141 +22,17 @@ The plan is checked in exact arithmetic afterwards: it never exceeds the budget.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-
 import numpy as np
 
-from diffq.errors import CheckpointError, RecipeError
-from diffq.io import write_json_atomic
-from diffq.sensitivity_analysis import DENSE, SensitivityTable
-
-BUDGET_KINDS = ("avg_bits", "bytes", "bitops")
+from diffq.errors import RecipeError
+from diffq.mixed.plan import BUDGET_KINDS, DENSE, BitPlan
+from diffq.mixed.table import SensitivityTable
+from diffq.quantization.presets import get_preset
+from diffq.quantization.selection import choose_layers
 
 
 class AllocationError(RecipeError):
     """A budget no plan can meet (the message states the smallest feasible one)."""
-
-
-@dataclass
-class BitPlan:
-    """Per-layer formats for the ``mixed`` recipe: ``assignments[layer]`` is a preset name or "fp16".
-
-    Consumed by ``diffq.quantize(pipe, "mixed", plan=plan)`` (or ``bit_plan=PATH`` in a recipe).
-    The other fields document how the plan came about and are optional when writing one by hand.
-    """
-
-    assignments: dict[str, str]
-    budget: float | None = None
-    budget_kind: str = "avg_bits"
-    realised: dict[str, float] = field(default_factory=dict)
-    objective: float | None = None
-    units: dict[str, str] = field(default_factory=dict)
-    roles: dict[str, str] = field(default_factory=dict)
-    bits: dict[str, int] = field(default_factory=dict)
-    params: dict[str, int] = field(default_factory=dict)
-    meta: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        from diffq.presets import PRESETS
-
-        if not isinstance(self.assignments, dict) or not self.assignments:
-            raise RecipeError("a bit plan needs assignments: a non-empty mapping layer name -> preset or 'fp16'")
-        bad = {k: v for k, v in self.assignments.items() if v != DENSE and (v not in PRESETS or v == "mixed")}
-        if bad:
-            k, v = next(iter(bad.items()))
-            raise RecipeError(
-                f"bit plan assigns {v!r} to {k!r}; use 'fp16' or a preset from {[p for p in PRESETS if p != 'mixed']}"
-            )
-        if not isinstance(self.budget_kind, str) or self.budget_kind not in BUDGET_KINDS:
-            raise RecipeError(f"budget_kind={self.budget_kind!r}: use one of {list(BUDGET_KINDS)}")
-        self._check_optional_fields()
-
-    def _check_optional_fields(self) -> None:
-        """Hand-written or damaged plans fail here, with the field named, not later in summary()."""
-        def number(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-        for name in ("budget", "objective"):
-            v = getattr(self, name)
-            if v is not None and not number(v):
-                raise RecipeError(f"bit plan field {name}={v!r} must be a number or null")
-        kinds = {"realised": number, "units": lambda v: isinstance(v, str), "roles": lambda v: isinstance(v, str),
-                 "bits": number, "params": number}
-        for name, ok in kinds.items():
-            v = getattr(self, name)
-            if not isinstance(v, dict) or not all(ok(x) for x in v.values()):
-                raise RecipeError(f"bit plan field {name!r} must map names to "
-                                  f"{'strings' if name in ('units', 'roles') else 'numbers'}; drop it or fix it")
-        if not isinstance(self.meta, dict):
-            raise RecipeError("bit plan field 'meta' must be an object")
-
-    # ---------------------------------------------------------------- (de)serialisation
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["format"] = "diffq.BitPlan/1"
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> BitPlan:
-        if not isinstance(d, dict) or "assignments" not in d:
-            raise RecipeError("a bit plan JSON is an object with an 'assignments' mapping layer -> preset")
-        d = {k: v for k, v in d.items() if k != "format"}
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise RecipeError(f"bad bit plan: {e}") from e
-
-    def save(self, path: str | Path) -> Path:
-        return write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> BitPlan:
-        p = Path(path)
-        if not p.is_file():
-            raise CheckpointError(f"no bit plan at {p}; make one with diffq.allocate(table, budget=...).save(path)")
-        try:
-            return cls.from_dict(json.loads(p.read_bytes()))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise CheckpointError(f"bit plan {p} is not valid JSON ({e}); re-create it with diffq.allocate") from e
-
-    # ---------------------------------------------------------------- reading
-    def role_bits(self) -> dict[str, float]:
-        """role -> parameter-weighted mean nominal weight bits."""
-        acc: dict[str, list[float]] = {}
-        for n, c in self.assignments.items():
-            w = self.params.get(n, 1)
-            a = acc.setdefault(self.roles.get(n, "other"), [0.0, 0.0])
-            a[0] += w * self.bits.get(n, 16 if c == DENSE else 0)
-            a[1] += w
-        return {r: s / max(w, 1) for r, (s, w) in acc.items()}
-
-    def summary(self) -> str:
-        """Which block types got more bits: per role counts of each format and mean bits."""
-        counts: dict[str, dict[str, int]] = {}
-        for n, c in self.assignments.items():
-            r = self.roles.get(n, "other")
-            counts.setdefault(r, {})
-            counts[r][c] = counts[r].get(c, 0) + 1
-        rb = self.role_bits()
-        tot_w = sum(self.params.get(n, 1) for n in self.assignments)
-        mean = sum(self.params.get(n, 1) * self.bits.get(n, 0) for n in self.assignments) / max(tot_w, 1)
-        lines = []
-        if self.budget is not None:
-            got = self.realised.get(self.budget_kind)
-            lines.append(f"bit plan: budget {self.budget_kind} <= {self.budget:.6g}, realised "
-                         f"{'unknown' if got is None else format(got, '.6g')}")
-        lines.append(f"{len(self.assignments)} layers, mean nominal weight bits {mean:.2f}")
-        lines.append(f"{'role':14} {'layers':>6} {'mean bits':>9}  formats")
-        for r in sorted(counts, key=lambda r: -rb[r]):
-            fm = ", ".join(f"{c} x{k}" for c, k in sorted(counts[r].items()))
-            lines.append(f"{r:14} {sum(counts[r].values()):6d} {rb[r]:9.2f}  {fm}")
-        more = [r for r in rb if rb[r] > mean + 1e-9]
-        less = [r for r in rb if rb[r] < mean - 1e-9]
-        lines.append(f"more bits than the mean: {', '.join(sorted(more, key=lambda r: -rb[r])) or '-'}; "
-                     f"fewer: {', '.join(sorted(less, key=lambda r: rb[r])) or '-'}")
-        return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------------------- costs
@@ -249,7 +125,7 @@ def allocate(
     scale = total if total > 0 else 1.0
     rhs = 1.0
     chosen = None
-    for _ in range(6):
+    for attempt in range(8):
         res = milp(
             obj,
             constraints=[LinearConstraint(a_eq, 1, 1), LinearConstraint((cost / scale)[None, :], -np.inf, rhs)],
@@ -264,7 +140,9 @@ def allocate(
         if _from_total(table, got, budget_kind) <= budget:
             chosen = x
             break
-        rhs -= max(got - total, 0.0) / scale + 1e-9  # solver tolerance let it overshoot: tighten and re-solve
+        # the solver's feasibility tolerance (~1e-7 of the scaled row) let it overshoot: tighten by the
+        # overshoot plus a margin that grows tenfold per attempt, and re-solve
+        rhs -= max(got - total, 0.0) / scale + 1e-9 * 10**attempt
     if chosen is None:
         raise AllocationError(f"could not find a plan within budget {budget_kind} <= {budget:.6g} (numerical issue)")
 
@@ -296,9 +174,6 @@ def uniform_plan(table: SensitivityTable, denoiser, preset: str, *, skip_rules: 
     skip_rules=False: ``preset`` on every analysed layer that can hold it (embeddings and adaLN
     included), the smallest uniform plan; a preset's skip rules can leave it far above its nominal
     bits (digits-dit's uniform w4a8 is 9.6 bits per weight)."""
-    from diffq.presets import get_preset
-    from diffq.selection import choose_layers
-
     if skip_rules:
         quantized = {ch.name for ch in choose_layers(denoiser, get_preset(preset)) if ch.skip is None}
     else:

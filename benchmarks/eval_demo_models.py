@@ -8,7 +8,7 @@ features (128-d), 1,000 generated vs the 1,000 held-out images.
 
 Usage::
 
-    python scripts/eval_demo_models.py [--models digits-sd digits-dit] [--per-digit 100] [--steps 20]
+    python -m benchmarks.eval_demo_models [--models digits-sd digits-dit] [--per-digit 100] [--steps 20]
         [--guidance 5.0] [--threads 2] [--json benchmarks/results/demo_models.json] [--grid-dir docs/images]
 """
 
@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-from _train_common import progress, setup
+from diffq.generation import generate
+from diffq.pipelines.demo_models import DEMO_MODELS, demo_pipeline, digits_clip, heldout_digits
+from scripts._train_common import progress, setup
 
-from diffq.pipelines.demo import DEMO_MODELS, demo_pipeline, digits_clip, generate, heldout_digits
+REPO = Path(__file__).resolve().parents[1]
 
 
 def fid_from_features(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
@@ -102,9 +102,10 @@ def main(argv=None) -> None:
         labels = torch.tensor([k for k in range(10) for _ in range(args.per_digit)])
         t0 = time.time()
         imgs = []
-        for j, i in enumerate(progress(range(0, len(prompts), args.batch), desc=name)):
-            imgs.append(generate(pipe, prompts[i:i + args.batch], num_inference_steps=args.steps,
-                                 guidance_scale=args.guidance, seed=args.seed + j))
+        for i in progress(range(0, len(prompts), args.batch), desc=name):
+            seeds = range(args.seed + i, args.seed + i + len(prompts[i:i + args.batch]))  # image i: seed + i
+            imgs.append(generate(pipe, prompts[i:i + args.batch], seeds, num_inference_steps=args.steps,
+                                 guidance_scale=args.guidance, batch_size=args.batch))
         images = torch.cat(imgs)
         gen_s = time.time() - t0
         acc = float((clip.classify(images) == labels).float().mean())
@@ -120,7 +121,7 @@ def main(argv=None) -> None:
         if args.grid_dir:
             save_grid(grid, 10, cols, args.grid_dir / f"{name}-grid.png")
     results["setup"] = {
-        "command": "python scripts/eval_demo_models.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": "python -m benchmarks.eval_demo_models " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "per_digit": args.per_digit, "steps": args.steps, "guidance_scale": args.guidance, "seed": args.seed,
         "batch": args.batch, "prompt": "the digit {k}", "fid_features": "digits-clip vision pooler_output (128-d)",
         "fid_reference": f"{len(held)} held-out digits (pipelines/assets/digits-heldout)",

@@ -1,11 +1,5 @@
-"""Fault campaign: kill calibration runs, corrupt checkpoints, fuzz parsers and the CLI; count what happens.
-
-Why: diffq's promises (nothing half-written, interrupted runs resume with nothing lost, damaged files
-refused, bad input answered with one clear error) are only worth what they survive. This runs the
-faults of ``tests/test_reliability.py`` with large N and writes the counts to
-``benchmarks/results/reliability.json``::
-
-    python scripts/fault_campaign.py --kills 20 --corruptions 500 --fuzz 2000
+"""Fault helpers shared by ``tests/test_reliability.py`` (small N) and the fault campaign
+(``python -m benchmarks.fault_campaign``, large N), so both run the same code.
 
 Faults:
 
@@ -13,20 +7,19 @@ Faults:
   ``checkpoint=``) runs in a child process that gets SIGKILL at a uniformly random time within an
   uninterrupted run's duration; after every kill the checkpoint must be absent or loadable, and a
   resumed run must produce statistics bit-identical to an uninterrupted run's. Children are forked
-  from one long-lived worker process (started with ``OMP_NUM_THREADS=1``) that has already imported
-  torch/diffusers and built the pipeline, so a trial costs about a second instead of a cold start.
+  from one long-lived worker process (``python -m tests.faults --worker``, started with
+  ``OMP_NUM_THREADS=1``) that has already imported torch/diffusers and built the pipeline, so a trial
+  costs about a second instead of a cold start.
 * **corruption**: random byte changes, truncations and appended garbage on a saved checkpoint of a
   quantized tiny SD; every load must raise ``CheckpointError`` unless the change left the content
   identical (e.g. JSON whitespace), in which case the loaded model must equal the original.
-* **fuzz** (hypothesis): ``Recipe.from_dict``, ``load_recipe_files``, ``BitPlan.from_dict/load``
-  and ``diffq.cli.main`` argv; any input must give a result, a ``DiffqError`` or exit code 0/1/2.
-
-The helpers are imported by ``tests/test_reliability.py`` (small N) so both run the same code.
+* **fuzz** (hypothesis strategies below): ``Recipe.from_dict``, ``load_recipe_files``,
+  ``BitPlan.from_dict/load`` and ``diffq.cli.main`` argv; any input must give a result, a
+  ``DiffqError`` or exit code 0/1/2.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
@@ -37,13 +30,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "reliability.json"
 
 # calibration used by the kill/resume trials: several prompts, one per batch, so a kill can land
 # before, between or in the middle of checkpoint writes
@@ -71,9 +62,8 @@ def _worker() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from diffq.pipelines.testing import tiny_pipeline
-
     from diffq.calibration import calibrate
+    from diffq.pipelines.testing import tiny_pipeline
 
     pipe = tiny_pipeline("sd")
     print("ready", flush=True)
@@ -112,7 +102,7 @@ class CalibrationWorker:
         """Start the worker; with ``wait=False`` its start-up (imports, pipeline) overlaps the caller's
         work until :meth:`wait_ready`."""
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--worker"], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "tests.faults", "--worker"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=None, text=True, env=child_env(), cwd=str(ROOT),
         )
         self.ready = False
@@ -274,9 +264,8 @@ def kill_resume_trials(n: int, workdir: Path, rng: random.Random, log=print,
 # ============================================================================ corruption
 def make_checkpoint(directory: Path):
     """Quantize a tiny SD (w4a8) and save it; returns (pristine base pipeline, checkpoint folder)."""
-    from diffq.pipelines.testing import tiny_pipeline
-
     import diffq
+    from diffq.pipelines.testing import tiny_pipeline
 
     base = tiny_pipeline("sd")
     pipe = copy.deepcopy(base)
@@ -286,9 +275,8 @@ def make_checkpoint(directory: Path):
 
 
 def _quantized_state(pipe) -> dict:
+    from diffq.modules import quantized_modules
     from diffq.pipelines.adapters import adapter_for
-
-    from diffq.api import quantized_modules
 
     den = adapter_for(pipe).denoiser(pipe)
     return {f"{n}.{b}": t.clone() for n, m in quantized_modules(den).items() for b, t in m.named_buffers()
@@ -394,7 +382,7 @@ def recipe_dicts():
 
     from hypothesis import strategies as st
 
-    from diffq.recipe import Recipe
+    from diffq.quantization.recipe import Recipe
 
     names = [f.name for f in fields(Recipe)]
     spec = st.fixed_dictionaries({}, optional={
@@ -442,19 +430,19 @@ class _Reached(Exception):
 
 def _stub_heavy(monkeypatch_setattr) -> None:
     """Replace model loading and the long-running commands with a marker exception."""
-    import diffq.bench
-    import diffq.demo
-    import diffq.models
+    import diffq.apps.bench
+    import diffq.apps.demo
+    import diffq.apps.models
 
     def reached(*a, **k):
         raise _Reached
 
-    monkeypatch_setattr(diffq.models, "load_model", reached)
-    monkeypatch_setattr(diffq.bench, "run_bench", reached)
-    monkeypatch_setattr(diffq.bench, "evaluate_checkpoint", reached)
-    monkeypatch_setattr(diffq.demo, "run_demo", reached)
+    monkeypatch_setattr(diffq.apps.models, "load_model", reached)
+    monkeypatch_setattr(diffq.apps.bench, "run_bench", reached)
+    monkeypatch_setattr(diffq.apps.bench, "evaluate_checkpoint", reached)
+    monkeypatch_setattr(diffq.apps.demo, "run_demo", reached)
     with contextlib.suppress(ImportError):
-        import diffq.eval.generate_sharded as gs
+        import diffq.apps.generate as gs
 
         monkeypatch_setattr(gs, "run", reached)
 
@@ -524,9 +512,9 @@ def fuzz_all(examples: int, workdir: Path, log=print) -> dict:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from diffq.allocation import BitPlan
     from diffq.errors import DiffqError
-    from diffq.recipe import Recipe, load_recipe_files
+    from diffq.mixed.plan import BitPlan
+    from diffq.quantization.recipe import Recipe, load_recipe_files
 
     prepare_cli_files(workdir)
     cfg = settings(max_examples=examples, deadline=None, database=None, derandomize=False,
@@ -604,66 +592,9 @@ def fuzz_all(examples: int, workdir: Path, log=print) -> dict:
     return counts
 
 
-# ============================================================================ campaign
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--kills", type=int, default=20)
-    ap.add_argument("--corruptions", type=int, default=500)
-    ap.add_argument("--fuzz", type=int, default=2000, help="hypothesis examples per fuzz target")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args(argv)
-    if args.worker:
-        return _worker()
-    for k, v in child_env().items():
-        os.environ.setdefault(k, v)
-    import torch
-
-    torch.set_num_threads(1)
-    from diffq.io import write_json_atomic
-
-    rng = random.Random(args.seed)
-    t0 = time.monotonic()
-    report: dict = {"seed": args.seed}
-    with tempfile.TemporaryDirectory(prefix="diffq-faults-") as tmp:
-        tmp = Path(tmp)
-        t = time.monotonic()
-        report["kill_resume"] = kill_resume_trials(args.kills, tmp / "kill", rng)
-        report["kill_resume"]["seconds"] = round(time.monotonic() - t, 1)
-        t = time.monotonic()
-        report["corruption"] = corruption_trials(args.corruptions, tmp / "corrupt", rng)
-        report["corruption"]["seconds"] = round(time.monotonic() - t, 1)
-        report["fuzz"] = fuzz_all(args.fuzz, tmp / "fuzz")
-    kr, co, fz = report["kill_resume"], report["corruption"], report["fuzz"]
-    crashes = sum(c["crashes"] for c in fz.values()) + co["wrong_exception"] + co["silently_loaded"] + \
-        kr["resume_mismatch"] + kr["checkpoint_unloadable_after_kill"] + len(kr["failures"])
-    report["summary"] = {
-        "runs_killed_and_resumed_identical": kr["killed_and_resumed_identical"],
-        "runs_killed": kr["killed"],
-        "corrupted_files_refused": co["refused"],
-        "corruptions_tried": co["trials"],
-        "inputs_fuzzed": sum(c["inputs"] for c in fz.values()),
-        "crashes_found": crashes,
-        "seconds": round(time.monotonic() - t0, 1),
-        "torch_threads": torch.get_num_threads(),
-    }
-    write_json_atomic(args.out, report)
-    s = report["summary"]
-    print(f"kill/resume: {kr['killed']} of {kr['trials']} runs killed by SIGKILL ({kr['finished_before_kill']} "
-          f"finished first); {kr['killed_and_resumed_identical']} killed runs and {kr['resumed_identical']} runs in all "
-          f"resumed with bit-identical statistics; checkpoint after kill: "
-          f"{kr['checkpoint_loadable_after_kill']} loadable, {kr['checkpoint_absent_after_kill']} absent, "
-          f"{kr['checkpoint_unloadable_after_kill']} unloadable")
-    print(f"corruption: {co['refused']} of {co['trials']} corrupted checkpoints refused with CheckpointError, "
-          f"{co['benign_loaded_identical']} content-preserving changes loaded identically, "
-          f"{co['silently_loaded']} loaded silently, {co['wrong_exception']} other exceptions")
-    for name, c in fz.items():
-        print(f"fuzz {name}: {c['inputs']} inputs, {c['accepted']} accepted, {c['diffq_errors']} DiffqError, "
-              f"{c['crashes']} crashes")
-    print(f"inputs fuzzed: {s['inputs_fuzzed']}; crashes found: {crashes}; {s['seconds']} s -> {args.out}")
-    return 1 if crashes else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the fork server: python -m tests.faults --worker
+    if sys.argv[1:] != ["--worker"]:
+        sys.exit("usage: python -m tests.faults --worker (started by CalibrationWorker)")
+    sys.exit(_worker())

@@ -18,7 +18,6 @@ from diffq.modules.timestep import NUM_BUCKETS, TimestepTracker
 class ActQuantizer(nn.Module):
     """Fake-quantizes activations ``x [..., C]`` -> same shape/dtype.
 
-    ``keep_first_token``: inputs [B, T, C] keep token 0 unquantized (BOS-aware text encoders).
     Static mode holds ``amax [G, S]`` (G timestep groups, S channel segments) and
     ``bucket_to_group [NUM_BUCKETS]`` (int16); dynamic mode holds no state.
     """
@@ -30,11 +29,9 @@ class ActQuantizer(nn.Module):
         splits: tuple[int, ...] | None = None,
         amax: torch.Tensor | None = None,
         bucket_to_group: torch.Tensor | None = None,
-        keep_first_token: bool = False,
     ) -> None:
         super().__init__()
         self.spec = spec
-        self.keep_first_token = keep_first_token
         self.splits = tuple(splits) if splits else None
         self.tracker: TimestepTracker | None = None
         if amax is not None:
@@ -65,13 +62,6 @@ class ActQuantizer(nn.Module):
         return self.amax[self.current_group()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.keep_first_token and x.dim() == 3 and x.shape[1] > 1:
-            # BOS-aware (MixDQ): the first token of a text encoder carries huge outliers that every
-            # other token's scale would pay for; it stays in 16 bits
-            return torch.cat([x[:, :1], self._quantize(x[:, 1:])], dim=1)
-        return self._quantize(x)
-
-    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         amax = self.current_amax()
         if self.splits is None:
             return fake_quantize(x, self.spec, amax=None if amax is None else amax[0])

@@ -1,5 +1,8 @@
-"""Turn one dense layer into its quantized module: smoothing -> low-rank split -> clipped weight
-quantization -> activation quantizer. Each step is a pure function from :mod:`diffq.methods`."""
+"""Turn dense layers into their quantized modules and swap them in.
+
+One layer: smoothing -> low-rank split -> clipped weight quantization -> activation quantizer, each
+step a pure function from :mod:`diffq.methods`. :func:`install_layers` is the one swap-in loop that
+quantization and the sensitivity analysis share."""
 
 from __future__ import annotations
 
@@ -13,12 +16,19 @@ from diffq.calibration.act_scales import timestep_act_ranges
 from diffq.calibration.container import CalibrationStats
 from diffq.formats import int_range, quantize
 from diffq.formats.floating import FP_MAX
-from diffq.methods.clipping import clip_ratio_for
 from diffq.methods.lowrank import effective_rank, lowrank_split
 from diffq.methods.smoothing import apply_smoothing, smooth_factors
-from diffq.modules import ActQuantizer, QuantConv2d, QuantLinear, conv_weight_rows
-from diffq.recipe import Recipe
-from diffq.selection import LayerChoice, fit_group
+from diffq.methods.weight_clipping import clip_ratio_for
+from diffq.modules import (
+    ActQuantizer,
+    QuantConv2d,
+    QuantLinear,
+    TimestepTracker,
+    conv_weight_rows,
+    set_submodule,
+)
+from diffq.quantization.recipe import Recipe
+from diffq.quantization.selection import LayerChoice, fit_group
 
 
 def _weight_rows(mod: nn.Module) -> torch.Tensor:
@@ -83,3 +93,28 @@ def build_layer(
     else:
         new = QuantLinear(q, **common)
     return new.to(mod.weight.device)
+
+
+def install_layers(
+    root: nn.Module,
+    choices: list[LayerChoice],
+    stats: CalibrationStats | None,
+    splits: dict[str, tuple[int, int]],
+    tracker: TimestepTracker | None,
+    progress=None,
+) -> dict[str, QuantLinear | QuantConv2d]:
+    """Build every non-skipped choice, give its activation quantizer ``tracker``, swap it into
+    ``root`` (the dense module is replaced, not modified); returns name -> new module.
+
+    progress: an optional callback called once per choice (a progress bar's ``update``)."""
+    built = {}
+    for ch in choices:
+        if ch.skip is None:
+            new = build_layer(ch, stats, splits.get(ch.name))
+            if new.act is not None:
+                new.act.tracker = tracker
+            set_submodule(root, ch.name, new)
+            built[ch.name] = new
+        if progress is not None:
+            progress()
+    return built

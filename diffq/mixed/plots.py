@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffq.eval.report import new_figure, save_figure
-from diffq.sensitivity_analysis import DENSE, SensitivityTable
+from diffq.mixed.plan import DENSE
+from diffq.mixed.table import SensitivityTable
+from diffq.plotting import new_figure, save_figure
 
 
 def _short(name: str, width: int = 38) -> str:

@@ -1,0 +1,159 @@
+"""``diffq.quantize(pipe, recipe)``: quantize a diffusers pipeline's denoiser in place.
+
+The pipeline stays a normal diffusers pipeline: only Linear/Conv2d modules inside the denoiser
+(and, with ``recipe.text_encoder``, the text encoders) are swapped for QuantLinear/QuantConv2d,
+all through :func:`~diffq.quantization.selection.choose_layers` and
+:func:`~diffq.quantization.build.install_layers`; a :class:`~diffq.quantization.state.QuantState`
+on the denoiser records what was done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffq.calibration import CalibrationStats, calibrate
+from diffq.errors import CalibrationError, RecipeError
+from diffq.fingerprint import weights_fingerprint
+from diffq.modules import structure_fingerprint
+from diffq.numerics import maybe_check_finite
+from diffq.pipelines.adapters import adapter_for
+from diffq.progress import progress_enabled
+from diffq.quantization.build import install_layers
+from diffq.quantization.presets import PRESETS, resolve_recipe
+from diffq.quantization.recipe import Recipe
+from diffq.quantization.selection import LayerChoice, choose_layers
+from diffq.quantization.state import QuantState, attach_state, quant_state
+from diffq.quantization.summary import LayerSummary, QuantSummary
+from diffq.sizes import module_bytes
+
+
+def is_quantized(pipe) -> bool:
+    return quant_state(adapter_for(pipe).denoiser(pipe)) is not None
+
+
+def plan_assignments(recipe: Recipe, plan) -> dict[str, str] | None:
+    """The per-layer preset names of a ``mixed`` recipe: from ``plan`` (a BitPlan or a dict layer ->
+    preset), else from the BitPlan file the recipe names."""
+    if plan is None and recipe.bit_plan is None:
+        return None
+    if plan is None:
+        from diffq.mixed.plan import BitPlan
+
+        plan = BitPlan.load(recipe.bit_plan)
+    if hasattr(plan, "assignments"):
+        return dict(plan.assignments)
+    if isinstance(plan, dict):
+        return dict(plan)
+    raise RecipeError(f"a bit plan is a BitPlan or a dict of layer -> preset, not {type(plan).__name__}")
+
+
+def _summaries(choices: list[LayerChoice], built: dict[str, nn.Module], before: dict[str, int]) -> list[LayerSummary]:
+    rows = []
+    for ch in choices:
+        kind = "conv" if isinstance(ch.module, nn.Conv2d) else "linear"
+        dense = str(ch.module.weight.dtype).replace("torch.", "")
+        new = built.get(ch.name)
+        if new is None:
+            rows.append(LayerSummary(ch.name, ch.role, kind, dense, "-", 0, before[ch.name], before[ch.name], ch.skip))
+        else:
+            rows.append(LayerSummary(
+                ch.name, ch.role, kind, ch.weight.describe(), ch.act.describe() if ch.act else dense, new.rank,
+                before[ch.name], new.storage_bytes(),
+            ))
+    return rows
+
+
+def text_encoder_recipe(recipe: Recipe) -> Recipe:
+    """What the text encoders get: the recipe's weight and activation formats (a static activation
+    format becomes dynamic per-token scales of the same type: text encoders are not calibrated), no
+    smoothing, no low-rank branch, no role or pattern skips."""
+    act = recipe.act
+    if act is not None and recipe.act_static:
+        act = replace(act, granularity="token", group_size=None)
+    return replace(
+        recipe, name=f"{recipe.name}:text", act=act, act_static=False, smooth_alpha=None, rank=0,
+        split_shortcut=False, skip_roles=(), skip_patterns=(), include_patterns=(), bit_plan=None,
+    )
+
+
+def _needs_calibration(recipe: Recipe, layer_plan: dict[str, str] | None) -> bool:
+    if recipe.needs_calibration:
+        return True
+    return layer_plan is not None and any(p in PRESETS and PRESETS[p].needs_calibration for p in set(layer_plan.values()))
+
+
+def quantize(
+    pipe,
+    recipe: Recipe | str | dict,
+    calibration: CalibrationStats | None = None,
+    prompts: Sequence[str] | None = None,
+    *,
+    plan=None,
+    calibrate_kwargs: dict | None = None,
+    progress: bool = True,
+) -> QuantSummary:
+    """Quantize ``pipe``'s denoiser in place and return what was done.
+
+    recipe: a Recipe, a preset name (``w8a8``, ``w4a4-svd``...) or a dict of recipe fields.
+    calibration: statistics from :func:`diffq.calibrate` on this pipeline; needed by recipes with
+        smoothing or static activation ranges. If missing and ``prompts`` are given, calibration
+        runs first (``calibrate_kwargs`` passed on).
+    plan: a BitPlan (or dict layer -> preset) for the ``mixed`` recipe.
+    """
+    recipe = resolve_recipe(recipe)
+    adapter = adapter_for(pipe)
+    denoiser = adapter.denoiser(pipe)
+    existing = quant_state(denoiser)
+    if existing is not None:
+        raise RecipeError(f"this pipeline is already quantized with {existing.recipe.name!r}; load a fresh pipeline")
+    layer_plan = plan_assignments(recipe, plan)
+    if calibration is None and _needs_calibration(recipe, layer_plan):
+        if not prompts:
+            raise CalibrationError(
+                f"recipe {recipe.name!r} needs calibration statistics (smoothing or static activation ranges); "
+                f"pass calibration=diffq.calibrate(pipe, prompts) or prompts=[...]"
+            )
+        calibration = calibrate(pipe, list(prompts), progress=progress, **(calibrate_kwargs or {}))
+    if calibration is not None:
+        calibration.check_matches(structure_fingerprint(denoiser), adapter.name)
+    base_fp = weights_fingerprint(denoiser)
+    bytes_before = module_bytes(denoiser, float_bits=16)
+    choices = choose_layers(denoiser, recipe, layer_plan, role_of=adapter.role_of)
+    if recipe.act_static:
+        missing = [c.name for c in choices if c.skip is None and c.name not in calibration.layers]
+        if missing:
+            raise CalibrationError(f"calibration has no statistics for layers {missing[:5]}; re-run calibrate")
+    splits = calibration.splits if calibration is not None else adapter.skip_splits(denoiser)
+    state = QuantState(recipe=recipe, family=adapter.name, base_fingerprint=base_fp, plan=layer_plan)
+    before = {ch.name: module_bytes(ch.module) for ch in choices}
+    bar = tqdm(total=len(choices), desc="quantize", disable=not progress_enabled(progress), leave=False)
+    try:
+        built = install_layers(denoiser, choices, calibration, splits, state.tracker, progress=bar.update)
+    finally:
+        bar.close()
+    if recipe.text_encoder:
+        quantize_text_encoders(pipe, recipe)
+    attach_state(denoiser, state, adapter.timestep_of)
+    state.summary = QuantSummary(
+        recipe.name, adapter.name, _summaries(choices, built, before), bytes_before,
+        module_bytes(denoiser, float_bits=16),
+    )
+    maybe_check_finite(pipe)  # DIFFQ_CHECK_FINITE=1: name the layer and step of the first NaN/Inf
+    return state.summary
+
+
+@torch.no_grad()
+def quantize_text_encoders(pipe, recipe: Recipe) -> int:
+    """Quantize every Linear of the pipeline's text encoders with :func:`text_encoder_recipe`;
+    returns how many layers were replaced."""
+    te_recipe = text_encoder_recipe(recipe)
+    n = 0
+    for enc in adapter_for(pipe).text_encoders(pipe).values():
+        choices = [c for c in choose_layers(enc, te_recipe) if isinstance(c.module, nn.Linear)]
+        n += len(install_layers(enc, choices, None, {}, None))
+    return n
