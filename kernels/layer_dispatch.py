@@ -119,29 +119,38 @@ _CACHE = "_diffq_kernels"
 
 def forget(module: nn.Module) -> None:
     """Drop the module's kernel plans (repacked weights); the next CUDA forward rebuilds them.
-    Needed only after changing the module's weights, scales, bias, smoothing or low-rank branch
-    in place (``set_lowrank`` etc. replace tensors, which this cache does not notice)."""
+    Needed only after editing the module's weights, scales, bias, smoothing or low-rank tensors
+    in place (replaced tensors are noticed by the plan cache itself)."""
     module.__dict__.pop(_CACHE, None)
     module.__dict__.pop("_diffq_fused", None)
 
 
+def _sources(module: nn.Module) -> tuple:
+    """The module tensors a plan is derived from (compared by identity on each call)."""
+    return (module.qweight, module.wscale, module.bias, module.smooth, module.lr_down, module.lr_up)
+
+
 def _plan(module: nn.Module, kind: str, device: torch.device) -> kd.LinearPlan:
     """The module's launch plan on ``device``, built once (repacked weights, group-major scales,
-    1 / smooth, fp32 bias) and cached on the module per device."""
+    1 / smooth, fp32 bias) and cached on the module per device. Rebuilt when one of the module's
+    tensors was replaced (``set_lowrank``, LoRA fusion, ``load_state_dict`` into new tensors):
+    six identity comparisons per call. In-place edits of the same tensors need :func:`forget`."""
     cache = module.__dict__.setdefault(_CACHE, {})
-    plan = cache.get(device)
-    if plan is None:
-        group = module.wspec.group_size if kind in ("w4a16", "w4a8", "w4a4") else None
-        smooth = module.smooth
-        if smooth is not None and hasattr(module, "kernel_size"):
-            smooth = expand_channel_vector(smooth, module.kernel_size)
-        plan = kd.plan_for(
-            kind, module.qweight, module.wscale, group, bias=module.bias,
-            smooth=None if kind == "w4a16" else smooth,
-            lr_down=module.lr_down if kind == "w4a4" else None, lr_up=module.lr_up if kind == "w4a4" else None,
-        )  # fmt: skip
-        plan.smooth_k = smooth  # w4a16 smooths in torch (no activation quantization to fuse into)
-        cache[device] = plan
+    hit = cache.get(device)
+    src = _sources(module)
+    if hit is not None and all(a is b for a, b in zip(hit[0], src)):
+        return hit[1]
+    group = module.wspec.group_size if kind in ("w4a16", "w4a8", "w4a4") else None
+    smooth = module.smooth
+    if smooth is not None and hasattr(module, "kernel_size"):
+        smooth = expand_channel_vector(smooth, module.kernel_size)
+    plan = kd.plan_for(
+        kind, module.qweight, module.wscale, group, bias=module.bias,
+        smooth=None if kind == "w4a16" else smooth,
+        lr_down=module.lr_down if kind == "w4a4" else None, lr_up=module.lr_up if kind == "w4a4" else None,
+    )  # fmt: skip
+    plan.smooth_k = smooth  # w4a16 smooths in torch (no activation quantization to fuse into)
+    cache[device] = (src, plan)
     return plan
 
 

@@ -11,9 +11,10 @@ kernel_route``). Two routes, picked per GPU by :func:`diffq.kernels.dispatch.w4a
   returns ``P' = 2^-9 P`` (P the integer group dot: |P| <= 49 G, under 2^12 units for G = 64 and
   2^13 for G = 128), and ``u = 2^9 x_scale`` makes ``P' * u = P * x_scale`` exactly *if* the
   FP8 tensor core's reduced-precision accumulator keeps that many significant bits (it is
-  reported to keep about 14; not verified here, no GPU was lent). Hence "exact enough": the
-  interpreter checks are bit-exact, a GPU may differ in the last bits. Weights holding -8
-  (outside the core's format) take the int8 route.
+  reported to keep about 14; not verified here, no GPU was lent) and honours E4M3 subnormals
+  (part of the FP8 format; also unverified: ``DIFFQ_W4A4_ROUTE=int8`` switches to the int8 route).
+  Hence "exact enough": the interpreter checks are bit-exact, a GPU may differ in the last bits.
+  Weights holding -8 (outside the core's format) take the int8 route.
 * ``int8`` (sm_80, and the bit-exact CPU check): int8 activation codes, weights as ``16 * code``
   int8 (:func:`~diffq.kernels.tl_helpers.nib_int8x16`), int32 group dots, ``u = x_scale / 16``.
 

@@ -444,6 +444,19 @@ def test_module_plan_is_built_once_and_the_hot_path_does_not_validate(monkeypatc
     assert layer_dispatch._CACHE not in m.__dict__
 
 
+def test_module_plan_follows_replaced_tensors():
+    """set_lowrank (LoRA fusion) replaces the branch tensors: the next call rebuilds the plan."""
+    m = _module("w4a4", rank=4)
+    fn = layer_dispatch.fused_forward(m, backend="triton")
+    x = torch.randn(5, 64)
+    y0 = fn(m, x)
+    m.set_lowrank(m.lr_down * 2, m.lr_up)
+    y1 = fn(m, x)
+    want = layer_dispatch.fused_forward(m, backend="reference")(m, x)
+    assert not torch.equal(y0, y1)
+    assert float((y1 - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
 def test_functional_api_reuses_its_plan():
     from diffq.kernels import dispatch
 
@@ -458,8 +471,13 @@ def test_functional_api_reuses_its_plan():
     assert len(dispatch._PLANS) == n + 1
 
 
-def test_routes_by_capability():
+def test_routes_by_capability(monkeypatch):
     assert K.w4a4_route((9, 0)) == "fp8" and K.w4a4_route((8, 9)) == "fp8" and K.w4a4_route((8, 0)) == "int8"
+    monkeypatch.setenv("DIFFQ_W4A4_ROUTE", "int8")
+    assert K.w4a4_route((9, 0)) == "int8"
+    monkeypatch.setenv("DIFFQ_W4A4_ROUTE", "fp8")
+    assert K.w4a4_route((8, 0)) == "int8"  # never FP8 below sm_89
+    monkeypatch.delenv("DIFFQ_W4A4_ROUTE")
     assert layer_dispatch.kernel_route(_module("w4a4"), (9, 0)) == "triton w4a4 fp8-mma"
     assert layer_dispatch.kernel_route(_module("w4a4"), (8, 0)) == "triton w4a4 int8-mma"
     assert layer_dispatch.kernel_route(_module("w4a8"), (9, 0)) == "triton w4a8 int8-mma"
