@@ -11,7 +11,7 @@ bytes of the denoiser and their ratio, and on CUDA the peak allocated memory of 
 reported, and the quantized layers run the torch reference path (dequantize, then matmul): CPU
 latency ratios measure that path, not the Triton kernels.
 
-    python benchmarks/e2e_step.py --model sd15 [--scale 0.125] [--presets w8a8,w4a16] [--json out.json]
+    python -m benchmarks.e2e_step --model sd15 [--scale 0.125] [--presets w8a8,w4a16] [--json out.json]
 
 Configs (the values that set layer shapes), from the diffusers configs on the Hugging Face hub:
 * ``runwayml/stable-diffusion-v1-5/unet/config.json`` (512 px: 64x64 latent, 77 text tokens, CFG batch 2)
@@ -39,6 +39,7 @@ import torch
 import diffq
 from benchmarks.model_configs import FLUX_DIT, SD15_UNET, SDXL_UNET
 from diffq.io import write_json_atomic
+from diffq.sizes import module_bytes
 from diffq.timing import device_name
 
 TEXT_TOKENS = {"sd15": 77, "sdxl": 77, "flux": 512}
@@ -136,12 +137,7 @@ def recipe_for(preset: str) -> tuple[object | None, str]:
 
 
 def weight_bytes(m: torch.nn.Module) -> int:
-    seen, n = set(), 0
-    for t in list(m.parameters()) + [b for b in m.buffers() if b is not None]:
-        if id(t) not in seen:
-            seen.add(id(t))
-            n += t.numel() * t.element_size()
-    return n
+    return module_bytes(m)  # what the denoiser holds (diffq's one byte counter)
 
 
 def time_step(den, inputs, reps: int, cuda: bool) -> tuple[float, int | None]:

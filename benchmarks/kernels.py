@@ -10,7 +10,7 @@ work, for every kernel so that rates compare), speed ratio vs the baseline, and 
 the kernel(s) must move (inputs, weights, scales, outputs, and the intermediate activation codes
 written and re-read by the quantization stage).
 
-    python benchmarks/kernels.py [--quick] [--json out.json] [--models sd15,flux] [--batches 1,2]
+    python -m benchmarks.kernels [--quick] [--json out.json] [--models sd15,flux] [--batches 1,2]
 
 Shapes (tokens x in x out, batch 1; batch 2 = classifier-free guidance doubles the tokens) come
 from the diffusers configs on the Hugging Face hub, at each model's native resolution:

@@ -10,39 +10,49 @@ Kernels: :func:`w4a16_linear` (weight-only int4), :func:`w8a8_linear` (int8 x in
 low-rank branch; pieces :func:`quantize_act_lowrank` and :func:`w4a4_gemm`), :func:`fp8_linear`
 (E4M3). Convolutions: :func:`conv2d_via_gemm` / :func:`im2col_nhwc` (NHWC patch order, matching
 the core's [N, kh*kw*Cin] conv weight rows). Torch references live in
-:mod:`diffq.kernels.reference`. Modules: :func:`fused_forward` / :func:`kernel_kind` map a
-QuantLinear / QuantConv2d to its kernel (used by their ``forward`` on CUDA inputs).
+:mod:`diffq.kernels.reference`. Modules: :func:`fused_forward` / :func:`kernel_kind` /
+:func:`kernel_route` map a QuantLinear / QuantConv2d to its kernel (used by their ``forward`` on
+CUDA inputs through ``layer_dispatch.module_kernel``). Launch plans (repacked weights, cached per
+layer and device): :func:`plan_for`. Offline compile analysis: :mod:`diffq.kernels.aot`.
 """
 
 from diffq.kernels.conv import conv2d_via_gemm, conv_output_hw, expand_channel_vector, im2col_nhwc
 from diffq.kernels.dispatch import (
     KernelUnavailableError,
+    LinearPlan,
     fp8_linear,
+    plan_for,
     quantize_act_lowrank,
     quantize_act_per_token,
     triton_unavailable_reason,
     w4a4_gemm,
     w4a4_linear,
+    w4a4_route,
     w4a8_linear,
     w4a16_linear,
     w8a8_linear,
 )
-from diffq.kernels.layer_dispatch import fused_forward, kernel_kind
+from diffq.kernels.layer_dispatch import forget, fused_forward, kernel_kind, kernel_route
 
 __all__ = [
     "KernelUnavailableError",
+    "LinearPlan",
     "conv2d_via_gemm",
     "conv_output_hw",
     "expand_channel_vector",
+    "forget",
     "fp8_linear",
     "fused_forward",
     "im2col_nhwc",
     "kernel_kind",
+    "kernel_route",
+    "plan_for",
     "quantize_act_lowrank",
     "quantize_act_per_token",
     "triton_unavailable_reason",
     "w4a4_gemm",
     "w4a4_linear",
+    "w4a4_route",
     "w4a8_linear",
     "w4a16_linear",
     "w8a8_linear",

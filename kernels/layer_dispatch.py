@@ -15,6 +15,7 @@ fp8_e4m3, per channel                  fp8_e4m3 per token / static tensor    fp8
 =====================================  ====================================  ==========
 
 Not fused (reference path): asymmetric (zero-point) and FP4 weights, per-tensor weight scales,
+int4 group sizes other than 64 and 128,
 non-fp32 activation scale storage, split-shortcut activation scales (except group scales that
 tile every segment), and QuantConv2d with kh*kw > 1 under a *per-token*
 activation format (im2col would turn a per-pixel scale into a per-patch one: different math).
@@ -22,7 +23,10 @@ Convs run through :func:`diffq.kernels.conv2d_via_gemm` (1x1: channels-last resh
 im2col). The low-rank branch of every kernel but w4a4 is added in torch.
 
 The module decides *when* to call this: on CUDA inputs only, so the CPU path stays the torch
-math bit for bit.
+math bit for bit. The first CUDA forward of a module builds its launch plan (repacked int4
+weights, group-major fp32 scales, ``1 / smooth``; see :mod:`diffq.kernels.repack`), cached on
+the module per device; later forwards launch straight from it. :func:`kernel_route` says which
+route a module takes (for reports).
 """
 
 from __future__ import annotations
@@ -110,37 +114,100 @@ def _static_scale(module: nn.Module, kind: str) -> torch.Tensor | None:
     return act.current_amax().reshape(1).float() / qmax
 
 
-def _linear_rows(kind: str, backend: str) -> Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]:
-    """(module, rows x [M, K'] (K' = kh*kw*Cin for convs), expanded smooth [K']) -> y [M, N].
+_CACHE = "_diffq_kernels"
 
-    The module is an argument, never captured, so a cached callable stays right for copies.
-    """
 
-    def run(module: nn.Module, x2: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
+def forget(module: nn.Module) -> None:
+    """Drop the module's kernel plans (repacked weights); the next CUDA forward rebuilds them.
+    Needed only after editing the module's weights, scales, bias, smoothing or low-rank tensors
+    in place (replaced tensors are noticed by the plan cache itself)."""
+    module.__dict__.pop(_CACHE, None)
+    module.__dict__.pop("_diffq_fused", None)
+
+
+def _sources(module: nn.Module) -> tuple:
+    """The module tensors a plan is derived from (compared by identity on each call)."""
+    return (module.qweight, module.wscale, module.bias, module.smooth, module.lr_down, module.lr_up)
+
+
+def _plan(module: nn.Module, kind: str, device: torch.device) -> kd.LinearPlan:
+    """The module's launch plan on ``device``, built once (repacked weights, group-major scales,
+    1 / smooth, fp32 bias) and cached on the module per device. Rebuilt when one of the module's
+    tensors was replaced (``set_lowrank``, LoRA fusion, ``load_state_dict`` into new tensors):
+    six identity comparisons per call. In-place edits of the same tensors need :func:`forget`."""
+    cache = module.__dict__.setdefault(_CACHE, {})
+    hit = cache.get(device)
+    src = _sources(module)
+    if hit is not None and all(a is b for a, b in zip(hit[0], src)):
+        return hit[1]
+    group = module.wspec.group_size if kind in ("w4a16", "w4a8", "w4a4") else None
+    smooth = module.smooth
+    if smooth is not None and hasattr(module, "kernel_size"):
+        smooth = expand_channel_vector(smooth, module.kernel_size)
+    plan = kd.plan_for(
+        kind, module.qweight, module.wscale, group, bias=module.bias,
+        smooth=None if kind == "w4a16" else smooth,
+        lr_down=module.lr_down if kind == "w4a4" else None, lr_up=module.lr_up if kind == "w4a4" else None,
+    )  # fmt: skip
+    plan.smooth_k = smooth  # w4a16 smooths in torch (no activation quantization to fuse into)
+    cache[device] = (src, plan)
+    return plan
+
+
+def _triton_rows(kind: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """(module, rows x [M, K'] (K' = kh*kw*Cin for convs)) -> y [M, N] on the module's plan.
+
+    Per call: one dict lookup, the static scale (a tensor op, no sync), the launches, and the
+    torch low-rank branch for kinds that do not fuse it."""
+
+    def run(module: nn.Module, x2: torch.Tensor) -> torch.Tensor:
+        plan = _plan(module, kind, x2.device)
+        x2 = x2.contiguous()
         dt = x2.dtype
+        xs = x2
+        if kind == "w4a16" and plan.smooth_k is not None:
+            xs = (x2.float() / plan.smooth_k).to(dt)
+        y = plan.run(xs, _static_scale(module, kind))
+        if kind != "w4a4" and module.lr_down is not None:
+            if kind != "w4a16" and module.smooth is not None:
+                xs = (x2.float() / plan.smooth_k).to(dt)
+            y = y + (xs @ module.lr_down.to(dt)) @ module.lr_up.to(dt)
+        return y
+
+    return run
+
+
+def _reference_rows(kind: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """The same math on the torch reference of :mod:`diffq.kernels.reference` (any device)."""
+
+    def run(module: nn.Module, x2: torch.Tensor) -> torch.Tensor:
+        dt = x2.dtype
+        smooth = module.smooth
+        if smooth is not None and hasattr(module, "kernel_size"):
+            smooth = expand_channel_vector(smooth, module.kernel_size)
         bias = None if module.bias is None else module.bias.to(dt)
         lr_down = None if module.lr_down is None else module.lr_down.to(dt)
         lr_up = None if module.lr_up is None else module.lr_up.to(dt)
+        g = module.wspec.group_size if kind in ("w4a16", "w4a8", "w4a4") else None
         if kind == "w4a4":
             return kd.w4a4_linear(
-                x2, module.qweight, module.wscale, module.wspec.group_size, bias,
-                lr_down=lr_down, lr_up=lr_up, smooth=smooth, backend=backend,
+                x2, module.qweight, module.wscale, g, bias, lr_down=lr_down, lr_up=lr_up, smooth=smooth,
+                backend="reference",
             )  # fmt: skip
         act_scale = _static_scale(module, kind)
+        xs = x2 if smooth is None else (x2.float() / smooth).to(dt)
         if kind == "w4a16":
-            xs = x2 if smooth is None else (x2.float() / smooth).to(dt)
-            y = kd.w4a16_linear(xs, module.qweight, module.wscale, module.wspec.group_size, bias, backend=backend)
+            y = kd.w4a16_linear(xs, module.qweight, module.wscale, g, bias, backend="reference")
         elif kind == "w8a8":
-            y = kd.w8a8_linear(x2, module.qweight, module.wscale, bias, act_scale=act_scale, smooth=smooth, backend=backend)
+            y = kd.w8a8_linear(x2, module.qweight, module.wscale, bias, act_scale=act_scale, smooth=smooth,
+                               backend="reference")  # fmt: skip
         elif kind == "w4a8":
-            y = kd.w4a8_linear(
-                x2, module.qweight, module.wscale, module.wspec.group_size, bias,
-                act_scale=act_scale, smooth=smooth, backend=backend,
-            )  # fmt: skip
+            y = kd.w4a8_linear(x2, module.qweight, module.wscale, g, bias, act_scale=act_scale, smooth=smooth,
+                               backend="reference")  # fmt: skip
         else:
-            y = kd.fp8_linear(x2, module.qweight, module.wscale, bias, act_scale=act_scale, smooth=smooth, backend=backend)
+            y = kd.fp8_linear(x2, module.qweight, module.wscale, bias, act_scale=act_scale, smooth=smooth,
+                              backend="reference")  # fmt: skip
         if lr_down is not None:
-            xs = x2 if smooth is None else (x2.float() / smooth).to(dt)
             y = y + (xs @ lr_down) @ lr_up
         return y
 
@@ -150,29 +217,38 @@ def _linear_rows(kind: str, backend: str) -> Callable[[nn.Module, torch.Tensor, 
 def fused_forward(module: nn.Module, *, backend: str = "auto", device: torch.device | str | None = None) -> FusedForward | None:
     """``fn(module, x) -> y`` running ``module`` (QuantLinear / QuantConv2d) on a fused kernel, or None.
 
-    backend: passed to the kernels ("auto", "triton", "reference"); with "auto" the callable is
-    only returned when Triton can run the kernel on ``device`` (default: the module's device).
+    backend: "auto" (the callable is only returned when Triton can run the kernel on ``device``,
+    default: the module's device), "triton" (forced; on the CPU under ``TRITON_INTERPRET=1``) or
+    "reference". The Triton callable builds the module's launch plan on first use (see
+    :mod:`diffq.kernels.repack`) and then launches without per-call validation.
     """
     kind = kernel_kind(module)
     if kind is None:
         return None
     group = module.wspec.group_size if kind in ("w4a16", "w4a8", "w4a4") else None
+    if backend not in ("auto", "triton", "reference"):
+        raise kd.KernelUnavailableError(f"fused_forward: unknown backend {backend!r}")
     if backend == "auto":
         dev = torch.device(device) if device is not None else module.qweight.device
         if dev.type != "cuda" or kd.triton_unavailable_reason(kind, dev, group) is not None:
             return None
-    rows = _linear_rows(kind, backend)
+    elif backend == "triton":
+        why = kd.triton_unavailable_reason(kind, torch.device(device) if device is not None else module.qweight.device, group)
+        if why is not None:
+            raise kd.KernelUnavailableError(f"fused_forward: backend='triton' cannot run: {why}")
+    rows = _reference_rows(kind) if backend == "reference" else _triton_rows(kind)
     if not hasattr(module, "kernel_size"):
+        n_out = module.out_features
 
         def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            return rows(mod, x, mod.smooth)
+            lead = x.shape[:-1]
+            return rows(mod, x.reshape(-1, x.shape[-1])).reshape(*lead, n_out)
 
         return linear
 
     def conv(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        smooth = None if mod.smooth is None else expand_channel_vector(mod.smooth, mod.kernel_size)
         y = conv2d_via_gemm(
-            x, lambda a: rows(mod, a, smooth),
+            x, lambda a: rows(mod, a),
             kernel_size=mod.kernel_size, stride=mod.stride, padding=mod.padding, dilation=mod.dilation,
         )  # fmt: skip
         return y  # [B, N, Ho, Wo], channels-last strides (the GEMM's natural layout)
@@ -189,7 +265,32 @@ def module_kernel(module: nn.Module, x: torch.Tensor) -> FusedForward | None:
     if not x.is_cuda:
         return None
     cache = module.__dict__.setdefault("_diffq_fused", {})
-    key = str(x.device)
-    if key not in cache:
-        cache[key] = fused_forward(module, device=x.device)
-    return cache[key]
+    key = x.device
+    fn = cache.get(key)
+    if fn is None and key not in cache:
+        fn = cache[key] = fused_forward(module, device=x.device)
+    return fn
+
+
+def kernel_route(module: nn.Module, capability: tuple[int, int] | None = None) -> str:
+    """Which computation runs ``module``'s forward on a CUDA GPU of ``capability`` (default: the
+    current CUDA device, else sm_90), for reports such as ``QuantSummary``:
+
+    ``"triton w4a4 fp8-mma"``, ``"triton w8a8 int8-mma"``, ... or ``"reference (<why>)"`` when
+    no kernel computes the module's quantization there. Pure function of the module's formats and
+    the capability: no weights are touched."""
+    kind = kernel_kind(module)
+    if kind is None:
+        return "reference (no kernel computes this quantization)"
+    if capability is None:
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+    cap = tuple(capability)
+    if cap < kd.MIN_CAPABILITY[kind]:
+        need = kd.MIN_CAPABILITY[kind]
+        return f"reference ({kind} needs sm_{need[0]}{need[1]}+)"
+    if kind in ("w4a16", "w4a8", "w4a4") and module.wspec.group_size not in kd.INT4_GROUPS:
+        return f"reference (group size {module.wspec.group_size} not in {kd.INT4_GROUPS})"
+    route = {"w4a16": "f16-mma", "w8a8": "int8-mma", "fp8": "fp8-mma", "w4a8": "int8-mma"}.get(kind)
+    if kind == "w4a4":
+        route = f"{kd.w4a4_route(cap)}-mma"
+    return f"triton {kind} {route}"

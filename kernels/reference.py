@@ -5,6 +5,12 @@ are already validated and flattened by :mod:`diffq.kernels.dispatch`: activation
 weights ``[N, K]`` (int8 / float8_e4m3fn) or ``[N, K // 2]`` (uint8, packed int4), scales fp16 or
 fp32 (upcast here). Outputs are ``[M, N]`` in the activation dtype.
 
+Quantization arithmetic is part of the contract too: ``x / smooth`` is ``x * (1 / smooth)``
+and codes are ``round(x * (1 / scale))`` with ``scale = amax / qmax`` and both reciprocals IEEE
+fp32 (the kernels multiply instead of dividing per element). A code can differ from the core's
+``round(x / scale)`` by one step only where ``x / scale`` is within one fp32 ulp of a rounding
+boundary.
+
 Accumulation order is part of the contract, so that the kernels can be checked tightly:
 * integer GEMMs sum exactly (``torch._int_mm`` or an fp64 matmul, both exact for int8 products);
 * grouped kernels add ``int_dot_g * xscale * wscale`` to an fp32 accumulator group by group;
@@ -26,10 +32,15 @@ def int_qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def reciprocal(t: torch.Tensor) -> torch.Tensor:
+    """fp32 ``1 / t`` (IEEE division): the per-layer / per-row factor the kernels multiply by."""
+    return 1.0 / t.float()
+
+
 def smooth_input(x2: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] (any float dtype) -> fp32 ``x / smooth`` (SmoothQuant migration; smooth [K] fp32)."""
+    """x [M, K] (any float dtype) -> fp32 ``x * (1 / smooth)`` (SmoothQuant migration; smooth [K])."""
     xf = x2.float()
-    return xf if smooth is None else xf / smooth.float()
+    return xf if smooth is None else xf * reciprocal(smooth)
 
 
 def _static_scale(act_scale: torch.Tensor, m: int, groups: int) -> torch.Tensor:
@@ -61,7 +72,7 @@ def quantize_act_int(
     else:
         scale = _static_scale(act_scale, m, groups)
     scale = scale.clamp_min(SCALE_MIN).contiguous()
-    codes = torch.round(xg / scale.unsqueeze(-1)).clamp(-q, q).to(torch.int8).reshape(m, k)
+    codes = torch.round(xg * reciprocal(scale).unsqueeze(-1)).clamp(-q, q).to(torch.int8).reshape(m, k)
     return codes, scale
 
 
@@ -76,7 +87,7 @@ def quantize_act_fp8(
     else:
         scale = _static_scale(act_scale, m, 1)
     scale = scale.clamp_min(SCALE_MIN).contiguous()
-    codes = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    codes = (xf * reciprocal(scale)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return codes, scale
 
 

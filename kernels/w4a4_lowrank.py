@@ -1,100 +1,136 @@
 """W4A4 + low-rank GEMM (Triton): the main GEMM of an SVDQuant layer.
 
-Inputs come from :func:`diffq.kernels.activation_kernels.quantize_groups_lowrank`, which read x once to
-produce packed int4 activation codes with per-(token, group) scales and the down-projection
-``down = (x / smooth) @ lr_down`` [M, r]. This kernel unpacks both operands' nibbles to int8 in
-registers (int8 MMA), scales each group's int32 dot by ``x_scale[m, g] * w_scale[n, g]`` into an
-fp32 accumulator, and adds the rank-r up-projection ``down @ lr_up`` and the bias in the
-epilogue, so the 16-bit branch costs one small [BLOCK_M, r] x [r, BLOCK_N] dot per output tile
-instead of a second pass over the output:
+Hopper has no int4 MMA (and Triton emits none on Ampere either), so the int4 codes are widened
+to an 8-bit MMA; this route choice is what QuantSummary should show (``layer_dispatch.
+kernel_route``). Two routes, picked per GPU by :func:`diffq.kernels.dispatch.w4a4_route`:
 
-y[m, n] = sum_g x_scale[m, g] * w_scale[n, g] * dot_g(xq[m], wq[n]) + (down @ lr_up)[m, n] + bias[n]
+* ``fp8`` (sm_89/sm_90): int4 codes in [-7, 7] (the core's symmetric range) are exact E4M3
+  values. The activation kernel writes its codes as E4M3 bytes; the weights come from a
+  sign-magnitude repack and decode to E4M3 subnormals ``code * 2^-9`` with one mask (low) or
+  four bit operations per 4 bytes (high; :func:`~diffq.kernels.tl_helpers.nib_e4m3`). The MMA
+  returns ``P' = 2^-9 P`` (P the integer group dot: |P| <= 49 G, under 2^12 units for G = 64 and
+  2^13 for G = 128), and ``u = 2^9 x_scale`` makes ``P' * u = P * x_scale`` exactly *if* the
+  FP8 tensor core's reduced-precision accumulator keeps that many significant bits (it is
+  reported to keep about 14; not verified here, no GPU was lent) and honours E4M3 subnormals
+  (part of the FP8 format; also unverified: ``DIFFQ_W4A4_ROUTE=int8`` switches to the int8 route).
+  Hence "exact enough": the interpreter checks are bit-exact, a GPU may differ in the last bits.
+  Weights holding -8 (outside the core's format) take the int8 route.
+* ``int8`` (sm_80, and the bit-exact CPU check): int8 activation codes, weights as ``16 * code``
+  int8 (:func:`~diffq.kernels.tl_helpers.nib_int8x16`), int32 group dots, ``u = x_scale / 16``.
+
+Either way the tile computes y^T = W · x^T with the decoded weights as the register operand, and
+each group adds ``t * w_scale[g, n]`` (t = the x-scaled group dot) to the fp32 accumulator; the
+rank-r up-projection ``down @ lr_up`` (``down`` summed from the activation kernel's K-split
+partials) and the bias run in the epilogue:
+
+y[m, n] = sum_g x_scale[m, g] * w_scale[g, n] * dot_g(xq[m], wq[n]) + (down @ lr_up)[m, n] + bias[n]
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from diffq.kernels.autotune import is_interpreted, launch, m_bucket
-from diffq.kernels.tl_helpers import contiguous_range, store_tile, tile_ids, unpack_int4, wrapped_rows_cols
+from diffq.kernels.tl_helpers import (
+    contiguous_range,
+    int_to_f32,
+    nib_e4m3,
+    nib_int8x16,
+    store_tile_t,
+    tile_ids,
+    wrapped_rows_cols,
+)  # fmt: skip
+
+
+@triton.jit
+def _group_dot(wl, xl, part, FRESH: tl.constexpr, FP8_MMA: tl.constexpr):
+    """[BN, 64] weight operand x [BM, 64] activation codes -> [BN, BM] (fp32 if FP8_MMA else int32)."""
+    if FP8_MMA:  # Triton's default: the group (G <= 128 integer-valued products) stays in the
+        # tensor core's accumulator, no fp32 promotion (its sum needs at most 13 significant bits)
+        if FRESH:
+            out = tl.dot(wl, tl.trans(xl))
+        else:
+            out = tl.dot(wl, tl.trans(xl), part)
+    else:
+        if FRESH:
+            out = tl.dot(wl, tl.trans(xl), out_dtype=tl.int32)
+        else:
+            out = tl.dot(wl, tl.trans(xl), part, out_dtype=tl.int32)
+    return out
+
+
+@triton.jit
+def _group_scale(part, u_ptr, g, M, rm, FP8_MMA: tl.constexpr, MAGIC: tl.constexpr):
+    """Group dot -> fp32 ``dot * x_scale`` [BN, BM] (``P' * u`` with u = 2^9 x_scale for FP8,
+    ``P16 * u`` with u = x_scale / 16 for int8: both exact power-of-two rescalings)."""
+    u = tl.load(u_ptr + g * M + rm)
+    if FP8_MMA:
+        out = part * u[None, :]
+    else:
+        out = int_to_f32(part, MAGIC) * u[None, :]
+    return out
 
 
 @triton.jit
 def _w4a4_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, d_ptr, l2_ptr, b_ptr, y_ptr,
-    M, N, K, R, M_BUCKET,
-    stride_xm, stride_xsm, stride_wn, stride_sn, stride_dm, stride_l2r, stride_ym,
-    G: tl.constexpr, HAS_LR: tl.constexpr, LR_F32: tl.constexpr, R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    x_ptr, u_ptr, w_ptr, ws_ptr, d_ptr, l2_ptr, b_ptr, y_ptr,
+    M, N, K, R, stride_xm, stride_wn, stride_ds, stride_dm, stride_l2r, stride_ym,
+    G: tl.constexpr, EVEN: tl.constexpr, FP8_MMA: tl.constexpr, HAS_LR: tl.constexpr, LR_F32: tl.constexpr,
+    R_PAD: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
+    MAGIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """xq packed uint8 [M, K//2], xs fp32 [M, K//G], w packed uint8 [N, K//2], ws [N, K//G],
-    down fp32 [M, R], l2 [R, N] (fp16/bf16/fp32) -> y [M, N]."""
+    """xq [M, K] (E4M3 if FP8_MMA else int8 codes), u fp32 [Kp//G, M], w split-half uint8
+    [N, Kp//2], ws fp32 [Kp//G, N], down partials fp32 [SPLITS, M, R], l2 [R, N] -> y [M, N].
+
+    Kp = K rounded up to 128; BLOCK_K a multiple of 128 and of G; EVEN: K % BLOCK_K == 0."""
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm, rn = wrapped_rows_cols(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
-    rkh = contiguous_range(BLOCK_K // 2)
+    rh = contiguous_range(64)
     rows = rm.to(tl.int64)
-    cols = rn.to(tl.int64)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + rkh[None, :]
-    w_ptrs = w_ptr + cols[:, None] * stride_wn + rkh[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for g in range(K // G):
-        part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        for _kk in tl.static_range(G // BLOCK_K):
-            a = unpack_int4(tl.load(x_ptrs))
-            b = unpack_int4(tl.load(w_ptrs))
-            part = tl.dot(a, tl.trans(b), part, out_dtype=tl.int32)
-            x_ptrs += BLOCK_K // 2
-            w_ptrs += BLOCK_K // 2
-        sx = tl.load(xs_ptr + rows * stride_xsm + g)
-        sw = tl.load(ws_ptr + cols * stride_sn + g).to(tl.float32)
-        acc += part.to(tl.float32) * sx[:, None] * sw[None, :]
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + rh[None, :]
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rh[None, :]
+    s_ptrs = ws_ptr + rn
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32 if FP8_MMA else tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        for b in tl.static_range(BLOCK_K // 128):
+            kb = b * 128
+            p = tl.load(w_ptrs + kb // 2)
+            if FP8_MMA:
+                wl, wh = nib_e4m3(p, ASM)
+            else:
+                wl, wh = nib_int8x16(p, ASM)
+            if EVEN:
+                xl = tl.load(x_ptrs + kb)
+                xh = tl.load(x_ptrs + kb + 64)
+            else:
+                xl = tl.load(x_ptrs + kb, mask=(k0 + kb + rh < K)[None, :], other=0.0)
+                xh = tl.load(x_ptrs + kb + 64, mask=(k0 + kb + 64 + rh < K)[None, :], other=0.0)
+            if G == 64:  # the two halves are two groups
+                g = (k0 + kb) // 64
+                t = _group_scale(_group_dot(wl, xl, part, True, FP8_MMA), u_ptr, g, M, rm, FP8_MMA, MAGIC)
+                acc += t * tl.load(s_ptrs + g * N)[:, None]
+                t = _group_scale(_group_dot(wh, xh, part, True, FP8_MMA), u_ptr, g + 1, M, rm, FP8_MMA, MAGIC)
+                acc += t * tl.load(s_ptrs + (g + 1) * N)[:, None]
+            else:
+                part = _group_dot(wl, xl, part, kb % G == 0, FP8_MMA)
+                part = _group_dot(wh, xh, part, False, FP8_MMA)
+                if (kb + 128) % G == 0:
+                    g = (k0 + kb) // G
+                    t = _group_scale(part, u_ptr, g, M, rm, FP8_MMA, MAGIC)
+                    acc += t * tl.load(s_ptrs + g * N)[:, None]
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K // 2
     if HAS_LR:
         rr = tl.arange(0, R_PAD)
         rmask = rr < R
-        d = tl.load(d_ptr + rows[:, None] * stride_dm + rr[None, :], mask=rmask[None, :], other=0.0)
-        up = tl.load(l2_ptr + rr[:, None].to(tl.int64) * stride_l2r + cols[None, :], mask=rmask[:, None], other=0.0)
+        d = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            d += tl.load(d_ptr + s * stride_ds + rows[:, None] * stride_dm + rr[None, :], mask=rmask[None, :], other=0.0)
+        up = tl.load(l2_ptr + rr[:, None].to(tl.int64) * stride_l2r + rn[None, :], mask=rmask[:, None], other=0.0)
         if LR_F32:
-            acc = tl.dot(d, up.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(up.to(tl.float32)), tl.trans(d), acc, input_precision="ieee")
         else:
-            acc = tl.dot(d.to(up.dtype), up, acc)
-    store_tile(y_ptr, acc, b_ptr, rn, pid_m, pid_n, M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
-
-
-def w4a4_gemm_triton(
-    xq: torch.Tensor,
-    xscale: torch.Tensor,
-    qweight: torch.Tensor,
-    wscale: torch.Tensor,
-    group_size: int,
-    *,
-    out_dtype: torch.dtype,
-    bias: torch.Tensor | None = None,
-    down: torch.Tensor | None = None,
-    lr_up: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Launch on validated contiguous inputs (see the kernel docstring for shapes)."""
-    m = xq.shape[0]
-    k = xq.shape[1] * 2
-    n = qweight.shape[0]
-    y = torch.empty(m, n, device=xq.device, dtype=out_dtype)
-    if m == 0:
-        return y
-    has_lr = down is not None
-    r = down.shape[1] if has_lr else 0
-    lr_f32 = is_interpreted(_w4a4_kernel) or (has_lr and lr_up.dtype == torch.float32)
-
-    launch(
-        _w4a4_kernel, "w4a4",
-        x_ptr=xq, xs_ptr=xscale, w_ptr=qweight, ws_ptr=wscale,
-        d_ptr=down if has_lr else xscale, l2_ptr=lr_up if has_lr else wscale,
-        b_ptr=bias if bias is not None else wscale, y_ptr=y,
-        M=m, N=n, K=k, R=r, M_BUCKET=m_bucket(m),
-        stride_xm=xq.stride(0), stride_xsm=xscale.stride(0), stride_wn=qweight.stride(0),
-        stride_sn=wscale.stride(0), stride_dm=down.stride(0) if has_lr else 0,
-        stride_l2r=lr_up.stride(0) if has_lr else 0, stride_ym=y.stride(0),
-        G=group_size, HAS_LR=has_lr, LR_F32=lr_f32, R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
-        HAS_BIAS=bias is not None,
-    )  # fmt: skip
-    return y
+            acc = tl.dot(tl.trans(up), tl.trans(d.to(up.dtype)), acc)
+    store_tile_t(y_ptr, acc, b_ptr, rn, pid_m, pid_n, M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)

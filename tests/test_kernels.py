@@ -1,6 +1,8 @@
 """Kernels: Triton (under TRITON_INTERPRET=1 on the CPU) vs the torch reference, the reference vs a
-dequantize-then-matmul oracle built from diffq.formats, conv via im2col vs F.conv2d, module wiring,
-shape errors, tile tables. CUDA-only checks are marked ``cuda`` and skip without a GPU.
+dequantize-then-matmul oracle built from diffq.formats, conv via im2col vs F.conv2d, module wiring
+(plans built once, no per-call validation), routes, repacking, shape errors, tile tables. CUDA-only
+checks are marked ``cuda``: ``pytest -m cuda`` compiles the kernels (conftest sets
+TRITON_INTERPRET=0) and they assert that they ran compiled; otherwise they skip.
 
 Tolerances (stated, and why):
 * integer kernels (w8a8, w4a8, w4a4 without low-rank) and the activation quantizers: bit-exact,
@@ -8,10 +10,13 @@ Tolerances (stated, and why):
   outputs in fp16/bf16 are exact too (the kernels round to nearest-even explicitly);
 * fp32 dot products whose summation order differs (w4a16's fp32 matmul, FP8's fp32 accumulation,
   the low-rank branch): |diff| <= 1e-5 * max|y| (+1 ulp of the output dtype when it is 16-bit);
+* W4A4 on both routes (int8 and FP8 MMA) is bit-exact without the low-rank branch;
 * reference vs oracle (different but equivalent fp32 formulas): |diff| <= 1e-5 * max|y|.
 """
 
 from __future__ import annotations
+
+import types
 
 import pytest
 import torch
@@ -41,8 +46,10 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
     assert bool((err <= tol + 1e-12).all()), f"max err {float(err.max()):.3g} vs max|y| {float(scale):.3g}"
 
 
-def _int4_weight(n: int, k: int, g: int, dtype=torch.float16):
-    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+def _int4_weight(n: int, k: int, g: int, dtype=torch.float16, lo: int = -8):
+    """Random int4 weight (codes in [lo, 7]: -8 is valid two's complement, the core's symmetric
+    format uses [-7, 7])."""
+    codes = torch.randint(lo, 8, (n, k), dtype=torch.int8)
     return codes, pack_int4(codes), (torch.rand(n, k // g) * 0.05 + 0.01).to(dtype)
 
 
@@ -54,12 +61,13 @@ def _x(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_w4a16_triton_matches_reference(dtype):
-    x = _x((2, 19, 128), dtype)  # M = 38: partial row tile
-    _, qw, ws = _int4_weight(40, 128, 32)  # N = 40: partial column tile
+@pytest.mark.parametrize("k,g", [(128, 64), (192, 64), (256, 128)], ids=["g64", "g64-odd-groups", "g128"])
+def test_w4a16_triton_matches_reference(dtype, k, g):
+    x = _x((2, 19, k), dtype)  # M = 38: partial row tile; K = 192: 3 groups (a zero padding group)
+    _, qw, ws = _int4_weight(40, k, g)  # N = 40: partial column tile
     bias = torch.randn(40).to(dtype)
-    y_t = K.w4a16_linear(x, qw, ws, 32, bias, backend="triton")
-    y_r = K.w4a16_linear(x, qw, ws, 32, bias, backend="reference")
+    y_t = K.w4a16_linear(x, qw, ws, g, bias, backend="triton")
+    y_r = K.w4a16_linear(x, qw, ws, g, bias, backend="reference")
     assert y_t.shape == (2, 19, 40)
     _close(y_t, y_r)
 
@@ -80,20 +88,33 @@ def test_w8a8_triton_bit_exact(dtype, static):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_w4a8_triton_bit_exact(dtype):
-    x = _x((33, 128), dtype)
-    _, qw, ws = _int4_weight(48, 128, 64)
-    y_t = K.w4a8_linear(x, qw, ws, 64, None, backend="triton")
-    y_r = K.w4a8_linear(x, qw, ws, 64, None, backend="reference")
+@pytest.mark.parametrize("k,g", [(128, 64), (320, 64), (256, 128)], ids=["g64", "g64-odd-groups", "g128"])
+def test_w4a8_triton_bit_exact(dtype, k, g):
+    x = _x((33, k), dtype)
+    _, qw, ws = _int4_weight(48, k, g)
+    smooth = torch.rand(k) + 0.5
+    b = torch.randn(48).to(dtype)
+    y_t = K.w4a8_linear(x, qw, ws, g, b, smooth=smooth, backend="triton")
+    y_r = K.w4a8_linear(x, qw, ws, g, b, smooth=smooth, backend="reference")
+    assert torch.equal(y_t, y_r)
+
+
+def test_w4a8_static_scale_bit_exact():
+    x = _x((21, 128), torch.bfloat16)
+    _, qw, ws = _int4_weight(40, 128, 64)
+    act = torch.tensor(0.03)
+    y_t = K.w4a8_linear(x, qw, ws, 64, act_scale=act, backend="triton")
+    y_r = K.w4a8_linear(x, qw, ws, 64, act_scale=act, backend="reference")
     assert torch.equal(y_t, y_r)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-def test_per_token_quantizer_bit_exact(fmt, static):
-    x = _x((21, 300), torch.float32) * 3  # K = 300: two passes with a ragged last block
+@pytest.mark.parametrize("k", [300, 700], ids=["one-pass", "two-pass"])
+def test_per_token_quantizer_bit_exact(fmt, static, k):
+    x = _x((21, k), torch.float32) * 3  # ragged last block; the interpreter keeps rows <= 512 in one pass
     x[3] = 0.0  # all-zero row: scale clamps at 2^-32, codes 0
-    smooth = torch.rand(300) + 0.5
+    smooth = torch.rand(k) + 0.5
     act = torch.tensor(0.05) if static else None
     q_t, s_t = K.quantize_act_per_token(x, fmt=fmt, smooth=smooth, act_scale=act, backend="triton")
     q_r, s_r = K.quantize_act_per_token(x, fmt=fmt, smooth=smooth, act_scale=act, backend="reference")
@@ -116,20 +137,45 @@ def test_lowrank_input_stage_matches(static):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rank", [0, 8], ids=["no-lr", "lr8"])
-def test_w4a4_lowrank_triton_matches(dtype, rank):
-    x = _x((3, 13, 128), dtype)
-    _, qw, ws = _int4_weight(72, 128, 32)
+@pytest.mark.parametrize("route", ["int8", "fp8"])
+@pytest.mark.parametrize("k", [128, 192], ids=["even", "odd-groups"])
+def test_w4a4_lowrank_triton_matches(dtype, rank, route, k):
+    x = _x((3, 13, k), dtype)
+    _, qw, ws = _int4_weight(72, k, 64, lo=-7)
     bias = torch.randn(72).to(dtype)
     lr = {}
     if rank:
-        lr = {"lr_down": (torch.randn(128, rank) * 0.1).to(dtype), "lr_up": (torch.randn(rank, 72) * 0.1).to(dtype)}
-    smooth = torch.rand(128) + 0.5
-    y_t = K.w4a4_linear(x, qw, ws, 32, bias, smooth=smooth, backend="triton", **lr)
-    y_r = K.w4a4_linear(x, qw, ws, 32, bias, smooth=smooth, backend="reference", **lr)
+        lr = {"lr_down": (torch.randn(k, rank) * 0.1).to(dtype), "lr_up": (torch.randn(rank, 72) * 0.1).to(dtype)}
+    smooth = torch.rand(k) + 0.5
+    y_t = K.w4a4_linear(x, qw, ws, 64, bias, smooth=smooth, backend="triton", route=route, **lr)
+    y_r = K.w4a4_linear(x, qw, ws, 64, bias, smooth=smooth, backend="reference", **lr)
     if rank == 0:
         assert torch.equal(y_t, y_r)
     else:
         _close(y_t, y_r)
+
+
+def test_w4a4_codes_outside_the_format_take_the_int8_route():
+    """A -8 code has no sign-magnitude nibble: the FP8 route is refused at plan build (once) and
+    the int8 route computes it exactly."""
+    x = _x((9, 128), torch.float32)
+    codes, qw, ws = _int4_weight(24, 128, 64)
+    codes[0, 0] = -8
+    qw = pack_int4(codes)
+    plan = K.plan_for("w4a4", qw, ws, 64, route="fp8", codes_in_range=None)
+    assert plan.route == "int8-mma"
+    y_t = K.w4a4_linear(x, qw, ws, 64, backend="triton", route="fp8")
+    assert torch.equal(y_t, K.w4a4_linear(x, qw, ws, 64, backend="reference"))
+
+
+def test_w4a4_gemm_entry_point_matches():
+    x = _x((17, 128), torch.bfloat16)
+    _, qw, ws = _int4_weight(40, 128, 64)
+    lr_down, lr_up = torch.randn(128, 8) * 0.1, torch.randn(8, 40) * 0.1
+    xq, xs, down = K.quantize_act_lowrank(x, 64, lr_down=lr_down, backend="reference")
+    y_t = K.w4a4_gemm(xq, xs, qw, ws, 64, out_dtype=torch.bfloat16, down=down, lr_up=lr_up, backend="triton")
+    y_r = K.w4a4_gemm(xq, xs, qw, ws, 64, out_dtype=torch.bfloat16, down=down, lr_up=lr_up, backend="reference")
+    _close(y_t, y_r)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -143,9 +189,10 @@ def test_fp8_triton_matches_reference(dtype):
 
 
 def test_empty_batch_gives_empty_output():
-    _, qw, ws = _int4_weight(16, 64, 32)
-    y = K.w4a4_linear(torch.zeros(0, 64), qw, ws, 32, backend="triton")
+    _, qw, ws = _int4_weight(16, 64, 64)
+    y = K.w4a4_linear(torch.zeros(0, 64), qw, ws, 64, backend="triton")
     assert y.shape == (0, 16)
+    assert K.w4a16_linear(torch.zeros(0, 64), qw, ws, 64, backend="triton").shape == (0, 16)
 
 
 # ------------------------------------------------------------------ reference vs format oracle
@@ -225,14 +272,14 @@ def test_conv_via_gemm_matches_conv2d(k, stride, pad, dil):
 
 def test_conv_w4a16_triton_matches_dequantized_conv():
     torch.manual_seed(1)
-    x = torch.randn(1, 32, 5, 6)
-    w = torch.randn(16, 32, 3, 3)
-    q = quantize(conv_weight_rows(w), QuantSpec("int4", "group", 32, "fp16"))
+    x = torch.randn(1, 64, 5, 6)
+    w = torch.randn(16, 64, 3, 3)
+    q = quantize(conv_weight_rows(w), QuantSpec("int4", "group", 64, "fp16"))
     y = K.conv2d_via_gemm(
-        x, lambda a: K.w4a16_linear(a, pack_int4(q.codes), q.scale_stored, 32, backend="triton"),
+        x, lambda a: K.w4a16_linear(a, pack_int4(q.codes), q.scale_stored, 64, backend="triton"),
         kernel_size=3, padding=1,
     )  # fmt: skip
-    wd = dequantize(q).reshape(16, 3, 3, 32).permute(0, 3, 1, 2)
+    wd = dequantize(q).reshape(16, 3, 3, 64).permute(0, 3, 1, 2)
     want = F.conv2d(x, wd, None, 1, 1)
     assert float((y - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
@@ -254,17 +301,17 @@ def _module(kind: str, *, rank: int = 0, conv_k: int | None = None, static: bool
     k = cin * (conv_k or 1) ** 2
     w = torch.randn(n, k)
     wspec = {
-        "w4a16": QuantSpec("int4", "group", 32, "fp16"),
+        "w4a16": QuantSpec("int4", "group", 64, "fp16"),
         "w8a8": QuantSpec("int8", "channel"),
-        "w4a8": QuantSpec("int4", "group", 32, "fp16"),
-        "w4a4": QuantSpec("int4", "group", 32, "fp16"),
+        "w4a8": QuantSpec("int4", "group", 64, "fp16"),
+        "w4a4": QuantSpec("int4", "group", 64, "fp16"),
         "fp8": QuantSpec("fp8_e4m3", "channel"),
     }[kind]
     aspec = {
         "w4a16": None,
         "w8a8": QuantSpec("int8", "tensor" if static else "token"),
         "w4a8": QuantSpec("int8", "token"),
-        "w4a4": QuantSpec("int4", "group", 32),
+        "w4a4": QuantSpec("int4", "group", 64),
         "fp8": QuantSpec("fp8_e4m3", "token"),
     }[kind]
     act = None
@@ -314,6 +361,9 @@ def test_unfusable_formats_keep_the_reference_path():
     assert layer_dispatch.kernel_kind(_module("w8a8", conv_k=3)) is None
     q = QuantLinear(quantize(torch.randn(8, 64), QuantSpec("uint4", "group", 32)))
     assert layer_dispatch.kernel_kind(q) is None
+    # int4 groups the Triton GEMMs do not take: the reference path, and the route says so
+    g32 = QuantLinear(quantize(torch.randn(8, 64), QuantSpec("int4", "group", 32, "fp16")))
+    assert layer_dispatch.kernel_route(g32, (9, 0)).startswith("reference (group size 32")
     # auto backend on a CPU module: nothing to fuse
     assert layer_dispatch.fused_forward(_module("w8a8")) is None
 
@@ -359,43 +409,195 @@ def test_unknown_backend_is_a_diffq_error():
         K.w8a8_linear(torch.randn(2, 8), torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 1), backend="cublas")
 
 
-# ------------------------------------------------------------------ tile tables
+# ------------------------------------------------------------------ host path: plans, routes
 
-SMEM = {"hopper": 227 * 1024, "ada": 99 * 1024, "ampere": 99 * 1024}  # sm_86/89 limit; A100 has 163 KB
-BYTES = {"w4a16": (2, 0.5), "w8a8": (1, 1), "fp8": (1, 1), "w4a8": (1, 0.5), "w4a4": (0.5, 0.5)}
+
+def test_module_plan_is_built_once_and_the_hot_path_does_not_validate(monkeypatch):
+    """The first call builds the launch plan (repacked weights, reordered scales, 1 / smooth);
+    later calls only launch: no validation helper, no plan build, no host sync."""
+    from diffq.kernels import dispatch
+
+    m = _module("w4a4", rank=4)
+    fn = layer_dispatch.fused_forward(m, backend="triton")
+    x = torch.randn(3, 64)
+    built = []
+    real = dispatch.plan_for
+    monkeypatch.setattr(dispatch, "plan_for", lambda *a, **k: built.append(1) or real(*a, **k))
+    y0 = fn(m, x)
+    assert len(built) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("per-call validation in the hot path")
+
+    for name in ("_check_x", "_check_int4_weight", "_check_bias", "_check_lowrank", "_check_smooth", "_resolve"):
+        monkeypatch.setattr(dispatch, name, boom)
+    monkeypatch.setattr(torch.Tensor, "item", boom)
+    y1 = fn(m, x)
+    assert len(built) == 1 and torch.equal(y0, y1)
+    layer_dispatch.forget(m)
+    monkeypatch.undo()
+    assert layer_dispatch._CACHE not in m.__dict__
+
+
+def test_module_plan_follows_replaced_tensors():
+    """set_lowrank (LoRA fusion) replaces the branch tensors: the next call rebuilds the plan."""
+    m = _module("w4a4", rank=4)
+    fn = layer_dispatch.fused_forward(m, backend="triton")
+    x = torch.randn(5, 64)
+    y0 = fn(m, x)
+    m.set_lowrank(m.lr_down * 2, m.lr_up)
+    y1 = fn(m, x)
+    want = layer_dispatch.fused_forward(m, backend="reference")(m, x)
+    assert not torch.equal(y0, y1)
+    assert float((y1 - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
+def test_functional_api_reuses_its_plan():
+    from diffq.kernels import dispatch
+
+    _, qw, ws = _int4_weight(16, 128, 64)
+    x = torch.randn(4, 128)
+    K.w4a8_linear(x, qw, ws, 64, backend="triton")
+    n = len(dispatch._PLANS)
+    K.w4a8_linear(x * 2, qw, ws, 64, backend="triton")
+    assert len(dispatch._PLANS) == n
+    qw.add_(0)  # in-place change bumps the version: a new plan
+    K.w4a8_linear(x, qw, ws, 64, backend="triton")
+    assert len(dispatch._PLANS) == n + 1
+
+
+def test_routes_by_capability(monkeypatch):
+    assert K.w4a4_route((9, 0)) == "fp8" and K.w4a4_route((8, 9)) == "fp8" and K.w4a4_route((8, 0)) == "int8"
+    monkeypatch.setenv("DIFFQ_W4A4_ROUTE", "int8")
+    assert K.w4a4_route((9, 0)) == "int8"
+    monkeypatch.setenv("DIFFQ_W4A4_ROUTE", "fp8")
+    assert K.w4a4_route((8, 0)) == "int8"  # never FP8 below sm_89
+    monkeypatch.delenv("DIFFQ_W4A4_ROUTE")
+    assert layer_dispatch.kernel_route(_module("w4a4"), (9, 0)) == "triton w4a4 fp8-mma"
+    assert layer_dispatch.kernel_route(_module("w4a4"), (8, 0)) == "triton w4a4 int8-mma"
+    assert layer_dispatch.kernel_route(_module("w4a8"), (9, 0)) == "triton w4a8 int8-mma"
+    assert layer_dispatch.kernel_route(_module("fp8"), (8, 9)) == "triton fp8 fp8-mma"
+    assert layer_dispatch.kernel_route(_module("fp8"), (8, 0)) == "reference (fp8 needs sm_89+)"
+    m = _module("w8a8")
+    m.act.splits = (40, 24)  # split-shortcut scales: no per-token kernel computes them
+    assert layer_dispatch.kernel_route(m).startswith("reference")
+
+
+@pytest.mark.parametrize("cap,ok", [((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)])
+def test_fp8_is_never_dispatched_below_sm89(monkeypatch, cap, ok):
+    """On a (simulated) compiled-Triton CUDA device of capability ``cap``: FP8 kernels are refused
+    below sm_89 by the availability check, the module dispatcher and the route, and W4A4 never
+    takes its FP8 route there (Triton cannot compile E4M3 for sm_80: see the compile gate)."""
+    from diffq.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_triton_state", lambda: (True, False, ""))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    why = K.triton_unavailable_reason("fp8", "cuda")
+    assert (why is None) == ok
+    assert (layer_dispatch.fused_forward(_module("fp8"), device="cuda") is not None) == ok
+    assert layer_dispatch.kernel_route(_module("fp8"), cap).startswith("triton") == ok
+    assert (K.w4a4_route(cap) == "fp8") == ok
+    if not ok:  # forcing it is an error, not a silent fallback
+        x = types.SimpleNamespace(device=torch.device("cuda"), is_cuda=True)  # a CUDA tensor's view for _resolve
+        with pytest.raises(K.KernelUnavailableError, match="compute capability"):
+            dispatch._resolve("fp8_linear", "fp8", "triton", x, None)
+
+
+# ------------------------------------------------------------------ repacking, decoders
+
+
+def test_split_half_layouts_hold_the_codes():
+    from diffq.kernels import repack
+
+    codes, qw, _ = _int4_weight(5, 192, 64)
+    sh = repack.split_half(qw, 192)
+    assert sh.shape == (5, 128)  # K padded to 256
+    lo = ((sh.to(torch.int32) & 0xF) ^ 8) - 8
+    hi = (((sh.to(torch.int32) >> 4) & 0xF) ^ 8) - 8
+    back = torch.stack([lo.view(5, 2, 64), hi.view(5, 2, 64)], 2).reshape(5, 256)
+    assert torch.equal(back[:, :192], codes.int()) and not back[:, 192:].any()
+    codes7, qw7, _ = _int4_weight(5, 128, 64, lo=-7)
+    assert bool(repack.fits_signmag(qw7)) and not bool(repack.fits_signmag(qw))
+    sm = repack.split_half_signmag(qw7, 128).to(torch.int32)
+    lo = torch.where((sm >> 7) & 1 == 1, -(sm & 7), sm & 7)
+    hi = torch.where((sm >> 3) & 1 == 1, -((sm >> 4) & 7), (sm >> 4) & 7)
+    assert torch.equal(torch.stack([lo.view(5, 1, 64), hi.view(5, 1, 64)], 2).reshape(5, 128), codes7.int())
+
+
+def test_group_major_scales_pad_with_zero_groups():
+    from diffq.kernels import repack
+
+    ws = torch.rand(6, 3).half()
+    gm = repack.group_major_scales(ws, 192, 64)
+    assert gm.shape == (4, 6) and gm.dtype == torch.float32
+    assert torch.equal(gm[:3], ws.float().t()) and not gm[3].any()
+
+
+# ------------------------------------------------------------------ tile tables
 
 
 @pytest.mark.parametrize("family", ["ampere", "ada", "hopper"])
-def test_tiles_fit_shared_memory_and_groups(family):
-    for kind, table in autotune._TABLES.items():
-        for t in table[family]:
-            a, b = BYTES[kind]
-            smem = (t.block_m * t.block_k * a + t.block_n * t.block_k * b) * t.num_stages
-            assert smem <= SMEM[family], (kind, t)
-        for m, n, k in [(1, 3072, 3072), (77, 1280, 2048), (4096, 12288, 3072), (8192, 320, 320)]:
-            tiles = autotune.candidate_tiles(kind, family, m, n, k, 64 if kind in autotune.GROUPED_KINDS else None)
-            assert tiles
-            for t in tiles:
-                if kind in autotune.GROUPED_KINDS:
-                    assert 64 % t.block_k == 0
-                if m >= 512:
-                    assert t.block_m >= 64
-                assert t.block_m <= max(16, 1 << (m - 1).bit_length())
+def test_tile_choice_fits_shapes(family):
+    for kind in autotune.KINDS:
+        for t in autotune.table(kind, family):
+            if kind in autotune.INT4_KINDS:
+                assert t.block_k % 128 == 0 and t.block_n % 64 == 0
+        for m, n, k in [(1, 3072, 3072), (77, 1280, 2048), (4608, 3072, 3072), (8192, 320, 320)]:
+            g = 64 if kind in autotune.INT4_KINDS else None
+            t = autotune.pick_tile(kind, family, autotune.m_bucket(m), n, k, g)
+            assert t in autotune.table(kind, family)
+            if m >= 512:
+                assert t.block_m >= 64
+            assert t.block_m <= max(16, 1 << (m - 1).bit_length())
+    # cached: one rule evaluation per shape bucket
+    info = autotune.pick_tile.cache_info()
+    autotune.pick_tile("w4a8", family, 4096, 3072, 3072, 64)
+    assert autotune.pick_tile.cache_info().hits >= info.hits
 
 
-# ------------------------------------------------------------------ CUDA (skipped without a GPU)
+# ------------------------------------------------------------------ CUDA (compiled: pytest -m cuda)
+
+
+def _compiled(kernel) -> int:
+    """Number of compiled variants a JIT kernel holds (0 for the interpreter)."""
+    from diffq.kernels.autotune import is_interpreted
+
+    if is_interpreted(kernel):
+        return 0
+    return sum(len(c[0]) for c in kernel.device_caches.values())
+
+
+@pytest.fixture
+def compiled_kernels():
+    """Asserts the CUDA test ran compiled kernels: not the interpreter, and each kernel it used
+    compiled at least one variant."""
+    from diffq.kernels import activation_kernels, row_scaled, w4a4_lowrank, w4a8, w4a16
+
+    ks = {
+        "w4a16": w4a16._w4a16_kernel, "w4a8": w4a8._w4a8_kernel, "w4a4": w4a4_lowrank._w4a4_kernel,
+        "w8a8": row_scaled._row_scaled_kernel, "fp8": row_scaled._row_scaled_kernel,
+        "rows": activation_kernels._act_rows_kernel, "groups": activation_kernels._act_groups_kernel,
+    }  # fmt: skip
+    assert not autotune.is_interpreted(ks["w4a16"]), "TRITON_INTERPRET is on: run `pytest -m cuda`"
+
+    def check(*names):
+        for name in names:
+            assert _compiled(ks[name]) > 0, f"{name} kernel was not compiled"
+
+    return check
 
 
 @cuda
 @needs_gpu
-@pytest.mark.parametrize("kind", ["w4a16", "w8a8", "w4a8", "w4a4", "fp8"])
-def test_cuda_kernels_match_reference(kind):
-    if K.triton_unavailable_reason(kind, "cuda", 64) is not None:
-        pytest.skip(K.triton_unavailable_reason(kind, "cuda", 64))
+@pytest.mark.parametrize("kind", ["w4a16", "w8a8", "w4a8", "w4a4", "w4a4-int8", "fp8"])
+def test_cuda_kernels_match_reference(kind, compiled_kernels):
+    base = kind.split("-")[0]
+    if K.triton_unavailable_reason(base, "cuda", 64) is not None:
+        pytest.skip(K.triton_unavailable_reason(base, "cuda", 64))
     dev, dt = "cuda", torch.bfloat16
     m, k, n = 300, 1024, 768
     x = torch.randn(m, k, device=dev, dtype=dt)
-    _, qw, ws = _int4_weight(n, k, 64)
+    _, qw, ws = _int4_weight(n, k, 64, lo=-7)
     qw, ws = qw.to(dev), ws.to(dev)
     w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev)
     ws8 = torch.rand(n, 1, device=dev) * 0.01
@@ -406,16 +608,22 @@ def test_cuda_kernels_match_reference(kind):
         "w8a8": lambda be: K.w8a8_linear(x, w8, ws8, backend=be),
         "w4a8": lambda be: K.w4a8_linear(x, qw, ws, 64, backend=be),
         "w4a4": lambda be: K.w4a4_linear(x, qw, ws, 64, backend=be, **lr),
+        "w4a4-int8": lambda be: K.w4a4_linear(x, qw, ws, 64, backend=be, route="int8" if be == "triton" else None, **lr),
         "fp8": lambda be: K.fp8_linear(x, f8, ws8, backend=be),
     }[kind]
     got, want = call("triton").float(), call("reference").float()
-    # bf16 MMA inputs (w4a16 weights, the low-rank branch) round: 1% of max|y| on GPU
+    # bf16 MMA inputs (the low-rank branch, FP8 chunks) round: 1% of max|y| on GPU
     assert float((got - want).abs().max()) <= 1e-2 * float(want.abs().max())
+    compiled_kernels({"w4a4-int8": "w4a4"}.get(kind, kind))
+    if kind.startswith("w4a4"):
+        compiled_kernels("groups")
+    elif kind != "w4a16":
+        compiled_kernels("rows")
 
 
 @cuda
 @needs_gpu
-def test_cuda_module_dispatches_to_kernel():
+def test_cuda_module_dispatches_to_kernel(compiled_kernels):
     m = _module("w8a8").to("cuda")
     x = torch.randn(4, 64, device="cuda")
     if K.triton_unavailable_reason("w8a8", "cuda") is not None:
@@ -423,3 +631,63 @@ def test_cuda_module_dispatches_to_kernel():
     assert layer_dispatch.module_kernel(m, x) is not None
     want = layer_dispatch.fused_forward(m, backend="reference")(m, x)
     assert float((m(x) - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    compiled_kernels("w8a8", "rows")
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("kind", ["w4a16", "w4a8", "w4a4"])
+def test_cuda_graph_replay_matches_eager(kind, compiled_kernels):
+    """A module forward captured in a CUDA graph (no host sync, no allocation outside the caching
+    allocator, no autotuning in the hot path) replays to the eager result."""
+    m = _module(kind, rank=4 if kind == "w4a4" else 0).to("cuda")
+    x = torch.randn(64, 64, device="cuda", dtype=torch.float32)
+    fn = layer_dispatch.module_kernel(m, x)
+    if fn is None:
+        pytest.skip(f"{kind} does not run on this GPU")
+    eager = fn(m, x)  # builds the plan and compiles outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn(m, x)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    compiled_kernels(kind)
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("decoder", ["int8x16", "e4m3", "bf16", "f16"])
+def test_cuda_asm_decoders_match_triton_formulas(decoder):
+    """The inline-PTX nibble decoders (compiled GEMM path) against the pure-Triton formulas the
+    interpreter runs, over every byte value."""
+    import triton
+    import triton.language as tl
+
+    from diffq.kernels import tl_helpers as th
+
+    @triton.jit
+    def probe(p_ptr, lo_ptr, hi_ptr, WHICH: tl.constexpr, ASM: tl.constexpr):
+        r = tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
+        p = tl.load(p_ptr + r)
+        if WHICH == 0:
+            lo, hi = th.nib_int8x16(p, ASM)
+        elif WHICH == 1:
+            lo, hi = th.nib_e4m3(p, ASM)
+        elif WHICH == 2:
+            lo, hi = th.nib_float(p, tl.bfloat16, ASM)
+        else:
+            lo, hi = th.nib_float(p, tl.float16, ASM)
+        tl.store(lo_ptr + r, lo)
+        tl.store(hi_ptr + r, hi)
+
+    which = ["int8x16", "e4m3", "bf16", "f16"].index(decoder)
+    dt = [torch.int8, torch.float8_e4m3fn, torch.bfloat16, torch.float16][which]
+    p = torch.arange(256, device="cuda", dtype=torch.int32).to(torch.uint8)
+    outs = []
+    for asm in (True, False):
+        lo, hi = torch.empty(256, device="cuda", dtype=dt), torch.empty(256, device="cuda", dtype=dt)
+        probe[(1,)](p, lo, hi, WHICH=which, ASM=asm)
+        outs.append((lo.view(torch.uint8) if dt.itemsize == 1 else lo, hi.view(torch.uint8) if dt.itemsize == 1 else hi))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

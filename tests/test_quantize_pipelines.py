@@ -68,6 +68,9 @@ def test_every_preset_quantizes_and_generates(family, preset, calibrated):
     p = copy.deepcopy(pipe)
     summary = diffq.quantize(p, preset, calibration=stats, progress=False)
     assert len(summary.quantized) >= len(summary.layers) // 2, summary.table()
+    # every quantized layer names what computes it on a GPU; dense layers name nothing
+    assert all(r.kernel.startswith(("triton ", "reference (")) for r in summary.quantized)
+    assert all(r.kernel == "-" for r in summary.layers if r.skipped) and "sm_" in summary.kernel_target
     # static activation tables (a [1001] timestep -> group map per layer) outweigh the savings of
     # these 32-wide toy layers; at real layer sizes they are noise (benchmarks/sd15_size.py)
     if not diffq.get_preset(preset).act_static:

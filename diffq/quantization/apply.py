@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from diffq.calibration import CalibrationStats, calibrate
 from diffq.errors import CalibrationError, RecipeError
 from diffq.fingerprint import weights_fingerprint
+from diffq.kernels.layer_dispatch import kernel_route
 from diffq.modules import structure_fingerprint
 from diffq.numerics import maybe_check_finite
 from diffq.pipelines.adapters import adapter_for
@@ -52,7 +53,17 @@ def plan_assignments(recipe: Recipe, plan) -> dict[str, str] | None:
     raise RecipeError(f"a bit plan is a BitPlan or a dict of layer -> preset, not {type(plan).__name__}")
 
 
+def kernel_target() -> tuple[tuple[int, int], str]:
+    """(CUDA capability, description) that the summary's kernel routes refer to: this machine's GPU,
+    or sm_90 (Hopper) when there is none."""
+    if torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        return cap, f"sm_{cap[0]}{cap[1]} ({torch.cuda.get_device_name()})"
+    return (9, 0), "sm_90 (no GPU here: the route a Hopper GPU would take; this CPU runs the torch reference)"
+
+
 def _summaries(choices: list[LayerChoice], built: dict[str, nn.Module], before: dict[str, int]) -> list[LayerSummary]:
+    cap, _ = kernel_target()
     rows = []
     for ch in choices:
         kind = "conv" if isinstance(ch.module, nn.Conv2d) else "linear"
@@ -63,7 +74,7 @@ def _summaries(choices: list[LayerChoice], built: dict[str, nn.Module], before: 
         else:
             rows.append(LayerSummary(
                 ch.name, ch.role, kind, ch.weight.describe(), ch.act.describe() if ch.act else dense, new.rank,
-                before[ch.name], new.storage_bytes(),
+                before[ch.name], new.storage_bytes(), kernel=kernel_route(new, cap),
             ))
     return rows
 
@@ -141,7 +152,7 @@ def quantize(
     attach_state(denoiser, state, adapter.timestep_of)
     state.summary = QuantSummary(
         recipe.name, adapter.name, _summaries(choices, built, before), bytes_before,
-        module_bytes(denoiser, float_bits=16),
+        module_bytes(denoiser, float_bits=16), kernel_target=kernel_target()[1],
     )
     maybe_check_finite(pipe)  # DIFFQ_CHECK_FINITE=1: name the layer and step of the first NaN/Inf
     return state.summary

@@ -16,6 +16,7 @@ class LayerSummary:
     bytes_before: int
     bytes_after: int
     skipped: str | None = None
+    kernel: str = "-"  # what computes the layer's forward on the GPU of ``QuantSummary.kernel_target``
 
 
 @dataclass
@@ -30,6 +31,7 @@ class QuantSummary:
     layers: list[LayerSummary] = field(default_factory=list)
     denoiser_bytes_before: int = 0
     denoiser_bytes_after: int = 0
+    kernel_target: str = ""  # the GPU the layers' kernel routes refer to
 
     @property
     def quantized(self) -> list[LayerSummary]:
@@ -52,16 +54,18 @@ class QuantSummary:
             "denoiser_bytes_before": self.denoiser_bytes_before,
             "denoiser_bytes_after": self.denoiser_bytes_after,
             "packed_bytes": self.packed_bytes,
+            "kernel_target": self.kernel_target,
             "layers": [asdict(layer) for layer in self.layers],
         }
 
     def table(self, max_rows: int = 40) -> str:
         """A plain-text table a person can read in a terminal."""
-        lines = [f"{'layer':52} {'role':13} {'weight':22} {'act':18} {'rank':>4} {'KiB before':>10} {'KiB after':>10}"]
+        lines = [f"{'layer':52} {'role':13} {'weight':22} {'act':18} {'rank':>4} {'KiB before':>10} {'KiB after':>10}"
+                 f"  GPU kernel"]
         for layer in self.layers[:max_rows]:
             lines.append(
                 f"{layer.name[:52]:52} {layer.role:13} {layer.weight[:22]:22} {layer.act[:18]:18} {layer.rank:4d} "
-                f"{layer.bytes_before / 1024:10.1f} {layer.bytes_after / 1024:10.1f}"
+                f"{layer.bytes_before / 1024:10.1f} {layer.bytes_after / 1024:10.1f}  {layer.kernel}"
             )
         if len(self.layers) > max_rows:
             lines.append(f"... {len(self.layers) - max_rows} more layers")
@@ -71,4 +75,6 @@ class QuantSummary:
             f"{self.denoiser_bytes_before / 2**20:.2f} MiB -> {self.denoiser_bytes_after / 2**20:.2f} MiB "
             f"(x{self.size_ratio:.2f} smaller)"
         )
+        if self.kernel_target:
+            lines.append(f"GPU kernel column: {self.kernel_target}")
         return "\n".join(lines)
