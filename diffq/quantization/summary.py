@@ -60,8 +60,8 @@ class QuantSummary:
 
     def table(self, max_rows: int = 40) -> str:
         """A plain-text table a person can read in a terminal."""
-        lines = [f"{'layer':52} {'role':13} {'weight':22} {'act':18} {'rank':>4} {'KiB before':>10} {'KiB after':>10}"
-                 f"  GPU kernel"]
+        head = f"{'layer':52} {'role':13} {'weight':22} {'act':18} {'rank':>4} {'KiB before':>10} {'KiB after':>10}"
+        lines = [head + "  GPU kernel"]
         for layer in self.layers[:max_rows]:
             lines.append(
                 f"{layer.name[:52]:52} {layer.role:13} {layer.weight[:22]:22} {layer.act[:18]:18} {layer.rank:4d} "
