@@ -19,6 +19,21 @@ class LayerSummary:
 
 
 @dataclass
+class AttentionSummary:
+    """One attention module: its kind and roles (:mod:`diffq.attention.spec`), the processor it had,
+    the attention format installed (``none`` when skipped, with the reason), and the mean relative
+    L2 error of its output over the calibrated steps when calibration measured that format."""
+
+    name: str
+    kind: str
+    roles: list[str]
+    processor: str
+    format: str = "none"
+    skipped: str | None = None
+    calibrated_error: float | None = None
+
+
+@dataclass
 class QuantSummary:
     """What ``diffq.quantize`` did. Per-layer byte counts are what each module holds; the denoiser
     totals are 16-bit deployment sizes (float tensors wider than 16 bits counted at 16 bits), so
@@ -30,6 +45,7 @@ class QuantSummary:
     layers: list[LayerSummary] = field(default_factory=list)
     denoiser_bytes_before: int = 0
     denoiser_bytes_after: int = 0
+    attention: list[AttentionSummary] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[LayerSummary]:
@@ -53,6 +69,7 @@ class QuantSummary:
             "denoiser_bytes_after": self.denoiser_bytes_after,
             "packed_bytes": self.packed_bytes,
             "layers": [asdict(layer) for layer in self.layers],
+            "attention": [asdict(a) for a in self.attention],
         }
 
     def table(self, max_rows: int = 40) -> str:
@@ -71,4 +88,12 @@ class QuantSummary:
             f"{self.denoiser_bytes_before / 2**20:.2f} MiB -> {self.denoiser_bytes_after / 2**20:.2f} MiB "
             f"(x{self.size_ratio:.2f} smaller)"
         )
+        if self.attention:
+            lines.append(f"{'attention module':52} {'roles':24} {'format':22} {'calibrated rel. error':>21}")
+            for a in self.attention[:max_rows]:
+                err = "-" if a.calibrated_error is None else f"{a.calibrated_error:.4f}"
+                fmt = a.format if a.skipped is None else f"none ({a.skipped})"
+                lines.append(f"{a.name[-52:]:52} {','.join(a.roles)[:24]:24} {fmt[:22]:22} {err:>21}")
+            n_a = sum(a.skipped is None for a in self.attention)
+            lines.append(f"{n_a}/{len(self.attention)} attention modules quantized")
         return "\n".join(lines)
