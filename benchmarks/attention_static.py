@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from diffq.io import write_json_atomic
-from diffq.kernels.attention import _quant_attn_kernel, head_pad, launch_warps
+from diffq.kernels.attention import PV_MODES, _quant_attn_kernel, head_pad, launch_warps
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 #: SASS opcodes counted (MMA kinds first: IMMA/HMMA/QMMA on sm_80/89 warp MMAs, IGMMA/QGMMA/HGMMA the
@@ -42,6 +42,7 @@ VARIANTS: dict[str, tuple[str, int, int, int, str, bool, bool]] = {
     "int8-fp8_d128_b64_mask": ("fp8", 8, 64, 128, "bf16", True, False),  # PixArt cross-attention mask
     "int8-int8_d128_b64_bf16": ("int8", 8, 64, 128, "bf16", False, False),  # the sm_80-native variant
     "int4-fp8_d128_b64_bf16": ("fp8", 4, 64, 128, "bf16", False, False),
+    "int8-fp16_d128_b64_bf16": ("fp16", 8, 64, 128, "bf16", False, False),  # SageAttention1-style
     "int8-fp8_d128_head_bf16": ("fp8", 8, 64, 128, "bf16", False, True),
 }
 QUICK = ("int8-fp8_d128_b64_bf16", "int8-int8_d128_b64_bf16")
@@ -57,29 +58,9 @@ def _signature(dtype: str) -> dict[str, str]:
     return {n: sig[n] for n in _quant_attn_kernel.arg_names}
 
 
-def compile_variant(name: str, cap: int, keep: Path | None = None, warps: int | None = None) -> dict:
-    """Compile one variant for sm_``cap``; returns its figures (``ok`` False with the error)."""
-    pv, bits, block, d, dtype, has_mask, per_head = VARIANTS[name]
-    consts = {"QMAX": float(2 ** (bits - 1) - 1), "PV_FP8": pv == "fp8", "SMOOTH_K": True, "PER_HEAD": per_head,
-              "HAS_MASK": has_mask, "FP8_MMA": cap >= 89, "BLOCK": block, "D_PAD": head_pad(d)}
-    sig = _signature(dtype)
-    for c in consts:
-        sig[c] = "constexpr"
-    # pointers and the D / stride arguments of a real launch are 16-aligned (head dims 64/128)
-    div16 = [n for n in _quant_attn_kernel.arg_names if n.endswith("_ptr") or n == "D"
-             or (n.startswith("stride_") and n[-1] in "bhm" and not n.startswith("stride_m"))]
-    attrs = {(_quant_attn_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
-    warps = warps or launch_warps(block)
-    rec: dict = {"variant": name, "cap": cap, "pv": pv, "qk_bits": bits, "block": block, "head_dim": d,
-                 "dtype": dtype, "mask": has_mask, "per_head": per_head, "num_warps": warps}
-    t0 = time.time()
-    try:
-        src = ASTSource(fn=_quant_attn_kernel, signature=sig, constexprs=consts, attrs=attrs)
-        cc = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": 2})
-    except Exception as e:  # noqa: BLE001  (a compile failure is a result to report)
-        rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000], compile_s=round(time.time() - t0, 1))
-        return rec
-    rec.update(ok=True, compile_s=round(time.time() - t0, 1), shared_bytes=cc.metadata.shared)
+def _machine_figures(cc, name: str, cap: int, keep: Path | None) -> dict:
+    """ptxas -v registers / spills and SASS opcode counts of a compiled kernel."""
+    rec: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         d_out = keep or Path(tmp)
         d_out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +83,63 @@ def compile_variant(name: str, cap: int, keep: Path | None = None, warps: int | 
     return rec
 
 
+def compile_variant(name: str, cap: int, keep: Path | None = None, warps: int | None = None) -> dict:
+    """Compile one variant for sm_``cap``; returns its figures (``ok`` False with the error)."""
+    pv, bits, block, d, dtype, has_mask, per_head = VARIANTS[name]
+    consts = {"QMAX": float(2 ** (bits - 1) - 1), "PV_MODE": PV_MODES[pv], "SMOOTH_K": True, "PER_HEAD": per_head,
+              "HAS_MASK": has_mask, "FP8_MMA": cap >= 89, "BLOCK": block, "D_PAD": head_pad(d)}
+    sig = _signature(dtype)
+    for c in consts:
+        sig[c] = "constexpr"
+    # what Triton's launcher specialises on at a real launch: pointers, D (64 / 128) and the q/k/v/o
+    # strides (multiples of D) are 16-divisible; the mask's strides (N, odd token counts) are not
+    div16 = [n for n in _quant_attn_kernel.arg_names if n.endswith("_ptr") or n == "D"
+             or (n.startswith("stride_") and not n.startswith("stride_m"))]
+    attrs = {(_quant_attn_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    warps = warps or launch_warps(block)
+    rec: dict = {"variant": name, "cap": cap, "pv": pv, "qk_bits": bits, "block": block, "head_dim": d,
+                 "dtype": dtype, "mask": has_mask, "per_head": per_head, "num_warps": warps}
+    t0 = time.time()
+    try:
+        src = ASTSource(fn=_quant_attn_kernel, signature=sig, constexprs=consts, attrs=attrs)
+        cc = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": 2})
+    except Exception as e:  # noqa: BLE001  (a compile failure is a result to report)
+        rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000], compile_s=round(time.time() - t0, 1))
+        return rec
+    rec.update(ok=True, compile_s=round(time.time() - t0, 1), shared_bytes=cc.metadata.shared)
+    rec.update(_machine_figures(cc, name, cap, keep))
+    return rec
+
+
+def compile_gemm_context(kind: str, cap: int) -> dict:
+    """For comparison: the W8A8 / FP8 row-scaled GEMM of the kernels package with the first tile
+    its autotuner would try at a FLUX shape (M 4608, K = N 3072). The kernels issue's own
+    compile-gate figures are the authority on the GEMMs; this row is context only."""
+    try:
+        from diffq.kernels.autotune import candidate_tiles
+        from diffq.kernels.row_scaled import _row_scaled_kernel as kern
+    except ImportError as e:  # the GEMM modules are another issue's and may move
+        return {"variant": f"gemm_{kind}", "cap": cap, "ok": False, "error": f"not importable: {e}"}
+    tile = candidate_tiles(kind, {80: "ampere", 89: "ada", 90: "hopper"}[cap], 4608, 3072, 3072, None)[0]
+    el = "*i8" if kind == "w8a8" else "*fp8e4nv"
+    sig = {"x_ptr": el, "xs_ptr": "*fp32", "w_ptr": el, "ws_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*bf16"}
+    consts = {"INT_ACC": kind == "w8a8", "HAS_BIAS": False, "EVEN_K": True, **tile.meta()}
+    for n in kern.arg_names:
+        sig.setdefault(n, "constexpr" if n in consts else "i32")
+    attrs = {(kern.arg_names.index(n),): [["tt.divisibility", 16]] for n in kern.arg_names if n not in consts}
+    rec = {"variant": f"gemm_{kind}_{tile.block_m}x{tile.block_n}x{tile.block_k}", "cap": cap, "pv": "-",
+           "num_warps": tile.num_warps}
+    try:
+        cc = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", cap, 32),
+                            options={"num_warps": tile.num_warps, "num_stages": tile.num_stages})
+    except Exception as e:  # noqa: BLE001
+        rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+        return rec
+    rec.update(ok=True, shared_bytes=cc.metadata.shared, **_machine_figures(cc, f"gemm_{kind}", cap, None))
+    return rec
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--caps", default="80,90", help="compute capabilities, comma-separated")
@@ -109,6 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--json", default=None, help="write the figures here")
     ap.add_argument("--keep", default=None, help="keep PTX/cubin files in this folder")
     ap.add_argument("--warps", type=int, default=None, help="override the launcher's num_warps")
+    ap.add_argument("--with-gemm", action="store_true", help="also compile the W8A8 / FP8 GEMMs for comparison")
     a = ap.parse_args(argv)
     names = list(VARIANTS) if a.variants == "all" else list(QUICK) if a.variants == "quick" else a.variants.split(",")
     rows = []
@@ -119,6 +158,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             brief = {k: rec.get(k) for k in ("variant", "cap", "ok", "registers", "spill_store_bytes", "shared_bytes",
                                              "mma_kinds", "compile_s", "error")}
             print(brief, flush=True)
+        for kind in ("w8a8", "fp8") if a.with_gemm else ():
+            if kind == "fp8" and cap < 89:
+                continue
+            rows.append(compile_gemm_context(kind, cap))
+            print({k: rows[-1].get(k) for k in ("variant", "cap", "ok", "registers", "spill_store_bytes",
+                                                 "shared_bytes", "mma_kinds", "error")}, flush=True)
     if a.json:
         write_json_atomic(a.json, {"triton": triton.__version__, "prediction_only": True, "rows": rows})
     return rows

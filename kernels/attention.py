@@ -1,4 +1,4 @@
-"""Quantized flash attention (Triton): INT8/INT4 Q·Kᵀ with smoothed K, FP8 E4M3 (or INT8) P·V,
+"""Quantized flash attention (Triton): INT8/INT4 Q·Kᵀ with smoothed K, FP8 E4M3 (or INT8, or fp16) P·V,
 fp32 accumulation, online softmax; the quantization is fused into the kernel.
 
 One program per (``block`` query rows, batch x head). It loads its Q tile once, quantizes it
@@ -39,6 +39,8 @@ from diffq.kernels.tl_helpers import SCALE_MIN, e4m3_grid, round_half_even, to_o
 #: the kernel's INT8 MMA needs Ampere; FP8 P·V runs on the FP8 MMA from Ada / Hopper on
 MIN_CAPABILITY = (8, 0)
 FP8_MMA_CAPABILITY = (8, 9)
+#: P·V format -> the kernel's PV_MODE
+PV_MODES = {"int8": 0, "fp8": 1, "fp16": 2}
 _LOG2E = tl.constexpr(LOG2E)
 _M_FLOOR = tl.constexpr(M_FLOOR)
 
@@ -65,15 +67,15 @@ def _quant_attn_kernel(
     H, M, N, D, qk_scale,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn, stride_ob, stride_oh, stride_om,
-    QMAX: tl.constexpr, PV_FP8: tl.constexpr, SMOOTH_K: tl.constexpr, PER_HEAD: tl.constexpr,
+    QMAX: tl.constexpr, PV_MODE: tl.constexpr, SMOOTH_K: tl.constexpr, PER_HEAD: tl.constexpr,
     HAS_MASK: tl.constexpr, FP8_MMA: tl.constexpr, BLOCK: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
     """q [B, H, M, D], k / v [B, H, N, D] (unit stride on D), km / vs fp32 [B*H, D],
     qs / ks fp32 [B*H] (PER_HEAD), mask fp32 broadcast view [B, H, M, N] -> o [B, H, M, D].
 
-    qk_scale = logit scale * log2(e). PV_FP8: P and V on the E4M3 grid; FP8_MMA: multiply them with
-    the FP8 MMA (sm_89+), else as fp16 (every E4M3 value is an fp16 value: the same products, for
-    Ampere)."""
+    qk_scale = logit scale * log2(e). PV_MODE: 0 INT8 P and V, 1 E4M3, 2 fp16. FP8_MMA: multiply
+    E4M3 P and V on the FP8 MMA (sm_89+), else as fp16 (every E4M3 value is an fp16 value: the
+    same products, for Ampere)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -123,13 +125,17 @@ def _quant_attn_kernel(
         w = tl.exp2(m_blk - m_new)
         v = tl.load(v_base + rn.to(tl.int64)[:, None] * stride_vn + rd[None, :], mask=kv_ok, other=0.0)
         v = v.to(tl.float32) / vs[None, :]
-        if PV_FP8:
+        if PV_MODE == 1:
             p = e4m3_grid(448.0 * tl.exp2(s - m_blk[:, None]))
             vc = e4m3_grid(tl.minimum(tl.maximum(v, -448.0), 448.0))
             if FP8_MMA:
                 pv = tl.dot(p.to(tl.float8e4nv), vc.to(tl.float8e4nv))
             else:
                 pv = tl.dot(p.to(tl.float16), vc.to(tl.float16))
+        elif PV_MODE == 2:
+            p16 = tl.exp2(s - m_blk[:, None]).to(tl.float16)
+            p = p16.to(tl.float32)
+            pv = tl.dot(p16, tl.minimum(tl.maximum(v, -65504.0), 65504.0).to(tl.float16))
         else:
             p = round_half_even(127.0 * tl.exp2(s - m_blk[:, None]))
             vc = round_half_even(tl.minimum(tl.maximum(v, -127.0), 127.0))
@@ -221,7 +227,7 @@ def quant_attention_triton(
         h, m, n, d, float((d**-0.5 if scale is None else scale) * LOG2E),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *mstrides, o.stride(0), o.stride(1), o.stride(2),
-        QMAX=fmt.qmax, PV_FP8=fmt.pv == "fp8", SMOOTH_K=fmt.smooth_k, PER_HEAD=fmt.granularity == "head",
+        QMAX=fmt.qmax, PV_MODE=PV_MODES[fmt.pv], SMOOTH_K=fmt.smooth_k, PER_HEAD=fmt.granularity == "head",
         HAS_MASK=mview is not None, FP8_MMA=has_fp8_mma(q.device) if fp8_mma is None else fp8_mma,
         BLOCK=fmt.block, D_PAD=head_pad(d),
         num_warps=launch_warps(fmt.block), num_stages=2,

@@ -13,11 +13,12 @@
   (the integer dot is exact); key columns past N are ``-inf``.
 * **P codes** per (query row, key block of ``block`` keys): ``round(PMAX · 2^(S - m_blk))``, where
   ``m_blk`` is the row's max over that block (at least ``M_FLOOR``), so every code lies in
-  ``[0, PMAX]``; E4M3 (``PMAX`` 448, nearest even on the E4M3 grid) or INT8 (``PMAX`` 127).
+  ``[0, PMAX]``; E4M3 (``PMAX`` 448, nearest even on the E4M3 grid), INT8 (``PMAX`` 127) or fp16
+  (``PMAX`` 1, P rounded to fp16: SageAttention1's 16-bit P·V, which isolates the Q·Kᵀ error).
   Because the codes are taken against the block's own max, they do not depend on the order in
   which the online softmax visits the blocks; the block's scale ``2^(m_blk - m)`` is exact in fp32.
 * **V codes** per (batch, head, channel): ``round(V / s_v)``, ``s_v = amax_tokens / VMAX``, E4M3 or
-  INT8 like P (``pv``).
+  INT8 like P (``pv``); for fp16, V itself rounded to fp16 (``s_v = 1``, saturating at 65504).
 * **output**: ``O = (Σ_blk w_blk (P_blk · V_blk) / Σ_blk w_blk rowsum(P_blk)) · s_v`` with
   ``w_blk = 2^(m_blk - m)``, ``m`` the row max over all keys. P is normalised by the sum of its own
   codes, so the quantized weights of a row sum to one. A row whose every key is masked out
@@ -43,8 +44,9 @@ LOG2E = math.log2(math.e)
 #: floor of a block's row max: keeps 2^(S - m) finite when a whole block is masked with -inf
 M_FLOOR = -1.0e30
 FP8_MAX = 448.0
-#: the largest code of each P / V format
-PV_MAX = {"fp8": FP8_MAX, "int8": 127.0}
+FP16_MAX = 65504.0
+#: the largest P code of each P / V format
+PV_MAX = {"fp8": FP8_MAX, "int8": 127.0, "fp16": 1.0}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: bytes of fp32 logits one chunk of query rows may hold in the reference
 _CHUNK_BYTES = 1 << 26
@@ -55,7 +57,7 @@ class AttnFormat:
     """How attention's two matmuls are quantized.
 
     qk_bits: 8 (INT8) or 4 (INT4 codes, computed on the INT8 MMA: an accuracy experiment, no speed-up).
-    pv: ``"fp8"`` (E4M3 P and V, fp32 accumulation) or ``"int8"``.
+    pv: ``"fp8"`` (E4M3 P and V, fp32 accumulation), ``"int8"`` or ``"fp16"`` (16-bit P and V).
     block: tokens per Q / K scale and kernel tile (a power of two, 16..128).
     granularity: ``"block"`` (one Q / K scale per ``block`` tokens) or ``"head"`` (one per batch and head).
     smooth_k: subtract K's mean over tokens before quantizing (leaves softmax unchanged).
@@ -149,7 +151,10 @@ class Prologue:
 
 def prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: AttnFormat) -> Prologue:
     k_mean = k.float().mean(dim=2) if fmt.smooth_k else None
-    v_scale = _scale_of(v.float().abs().amax(dim=2), fmt.pmax).contiguous()
+    if fmt.pv == "fp16":
+        v_scale = torch.ones(v.shape[0], v.shape[1], v.shape[3], device=v.device)
+    else:
+        v_scale = _scale_of(v.float().abs().amax(dim=2), fmt.pmax).contiguous()
     q_scale = k_scale = None
     if fmt.granularity == "head":
         ks = k.float() if k_mean is None else k.float() - k_mean.unsqueeze(2)
@@ -167,6 +172,15 @@ def _round_int(x: torch.Tensor, qmax: float) -> torch.Tensor:
 
 def _round_fp8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+
+
+def _round_pv(x: torch.Tensor, fmt: AttnFormat) -> torch.Tensor:
+    """P or V (already divided by its scale) onto the P·V format's grid, as fp32."""
+    if fmt.pv == "fp8":
+        return _round_fp8(x)
+    if fmt.pv == "fp16":
+        return x.clamp(-FP16_MAX, FP16_MAX).half().float()
+    return _round_int(x, fmt.pmax)
 
 
 def _qk_codes(x: torch.Tensor, fmt: AttnFormat, head_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,8 +221,7 @@ def attention_reference(
     nb = kc.shape[2] // fmt.block
     n_pad = nb * fmt.block
     vs = pro.v_scale.unsqueeze(2)  # [B, H, 1, D]
-    vq = torch.nn.functional.pad(v.float() / vs, (0, 0, 0, n_pad - n))
-    vq = _round_fp8(vq) if fmt.pv == "fp8" else _round_int(vq, fmt.pmax)
+    vq = _round_pv(torch.nn.functional.pad(v.float() / vs, (0, 0, 0, n_pad - n)), fmt)
     add = additive_mask(mask)
     valid = torch.arange(n_pad, device=q.device) < n
     kt = kc.transpose(-1, -2)
@@ -224,8 +237,7 @@ def attention_reference(
             s = s + torch.nn.functional.pad(chunk, (0, n_pad - n)) * LOG2E
         s = s.masked_fill(~valid, float("-inf")).reshape(b, h, r1 - r0, nb, fmt.block)
         m_blk = s.amax(-1).clamp_min(M_FLOOR)  # [B, H, rows, nb]
-        p = fmt.pmax * torch.exp2(s - m_blk.unsqueeze(-1))
-        p = _round_fp8(p) if fmt.pv == "fp8" else torch.round(p)
+        p = _round_pv(fmt.pmax * torch.exp2(s - m_blk.unsqueeze(-1)), fmt)
         w = torch.exp2(m_blk - m_blk.amax(-1, keepdim=True))  # each block's weight 2^(m_blk - m)
         pw = (p * w.unsqueeze(-1)).reshape(b, h, r1 - r0, n_pad)
         denom = pw.sum(-1, keepdim=True)

@@ -37,12 +37,16 @@ def relative_l2(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 class ErrorProbe:
-    """``attend`` that returns full-precision SDPA and reports each format's error to ``record``."""
+    """``attend`` that returns full-precision SDPA and reports each format's error to ``record``;
+    ``observe(name, q, k, v, mask)``, if given, sees the operands first."""
 
-    def __init__(self, name: str, formats: dict[str, AttnFormat], record: Record, backend: str = "auto") -> None:
-        self.name, self.formats, self.record, self.backend = name, dict(formats), record, backend
+    def __init__(self, name: str, formats: dict[str, AttnFormat], record: Record, backend: str = "auto",
+                 observe: Callable | None = None) -> None:  # fmt: skip
+        self.name, self.formats, self.record, self.backend, self.observe = name, dict(formats), record, backend, observe
 
     def __call__(self, q, k, v, mask=None):
+        if self.observe is not None:
+            self.observe(self.name, q, k, v, mask)
         ref = sdpa(q, k, v, mask)
         ref64 = ref.double()
         ref_sq = ref64.pow(2).sum()
@@ -54,12 +58,13 @@ class ErrorProbe:
 
 @contextmanager
 def probe_attention(
-    denoiser: nn.Module, formats: dict[str, AttnFormat], record: Record, *, backend: str = "auto"
+    denoiser: nn.Module, formats: dict[str, AttnFormat], record: Record, *, backend: str = "auto",
+    observe: Callable | None = None,
 ) -> Iterator[list[str]]:
-    """Within the block, every covered attention module of ``denoiser`` reports its errors;
-    yields the probed module names. The original processors are restored on exit."""
+    """Within the block, every covered attention module of ``denoiser`` reports its errors
+    (:class:`ErrorProbe`); yields the probed module names. The original processors are restored on exit."""
     choices = [c for c in choose_attention(denoiser) if c.skip is None]
-    restore = swap_processors(choices, lambda ch: ErrorProbe(ch.name, formats, record, backend))
+    restore = swap_processors(choices, lambda ch: ErrorProbe(ch.name, formats, record, backend, observe))
     try:
         yield [c.name for c in choices]
     finally:

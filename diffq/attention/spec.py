@@ -2,7 +2,8 @@
 
 ``attn`` = ``none`` | ``int8`` (INT8 Q·Kᵀ and INT8 P·V) | ``int8-fp8`` (INT8 Q·Kᵀ, FP8 E4M3 P·V:
 SageAttention2's choice) | ``int4-fp8`` (INT4 Q·Kᵀ: an accuracy experiment; it runs on the INT8 MMA,
-no faster than ``int8-fp8``). The exact math is :mod:`diffq.kernels.attention_reference`.
+no faster than ``int8-fp8``) | ``int8-fp16`` (INT8 Q·Kᵀ, 16-bit P·V: SageAttention1's choice, and
+the format that shows the Q·Kᵀ error alone). The exact math is :mod:`diffq.kernels.attention_reference`.
 
 Roles (for ``attn_skip_roles``): what an attention module attends over -- ``self_attn`` (image tokens
 to image tokens), ``cross_attn`` (image queries to text keys: UNet / PixArt ``attn2``), ``joint_attn``
@@ -17,7 +18,9 @@ from diffq.errors import RecipeError
 from diffq.kernels.attention_reference import AttnFormat
 
 #: recipe name -> (Q·Kᵀ bits, P·V format)
-ATTN_FORMATS: dict[str, tuple[int, str]] = {"int8": (8, "int8"), "int8-fp8": (8, "fp8"), "int4-fp8": (4, "fp8")}
+ATTN_FORMATS: dict[str, tuple[int, str]] = {
+    "int8": (8, "int8"), "int8-fp8": (8, "fp8"), "int4-fp8": (4, "fp8"), "int8-fp16": (8, "fp16"),
+}  # fmt: skip
 ATTN_CHOICES = ("none", *ATTN_FORMATS)
 ATTN_KINDS = ("self_attn", "cross_attn", "joint_attn")
 ATTN_ROLES = (*ATTN_KINDS, "first_block", "last_block")
