@@ -116,15 +116,18 @@ def run(image_tokens: int, text_tokens: int, steps: int, seed: int, k_offset: fl
 
 
 def plot(result: dict, out_png: Path) -> None:
+    """Per module: relative L2 per sigma of every format, smoothed (solid) and not (dashed)."""
     from diffq.plotting import new_figure, save_figure
 
     mods = result["modules"]
     fig = new_figure((5 * len(mods), 4))
     axes = fig.subplots(1, len(mods), sharey=True, squeeze=False)[0]
     for ax, name in zip(axes, mods):
-        for label, ys in result["relative_l2"][name].items():
-            ax.plot(result["sigmas"], ys, marker="o", ls="--" if "no-smooth" in label else "-", label=label)
-        ax.set_title(f"FLUX slice {name}", fontsize=9)
+        for i, (label, ys) in enumerate(sorted(result["relative_l2"][name].items())):
+            ax.plot(result["sigmas"], ys, marker="o", ms=3, ls="--" if "no-smooth" in label else "-",
+                    color=f"C{i // 2}", label=label)
+        ax.set_title(f"{name} (K offset ratio {sum(result['k_offset_ratio'][name]) / len(result['sigmas']):.2f})",
+                     fontsize=9)
         ax.set_xlabel("sigma (denoising runs right to left)")
         ax.invert_xaxis()
         ax.set_yscale("log")
@@ -132,6 +135,22 @@ def plot(result: dict, out_png: Path) -> None:
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, out_png)
+
+
+def markdown(result: dict) -> str:
+    """One table: module x format (smoothed / not) at every sigma, and the K offset ratio."""
+    labels = sorted({lab.split("/")[0] for m in result["relative_l2"].values() for lab in m})
+    sig = result["sigmas"]
+    out = ["| module | format | " + " | ".join(f"σ={s:.2f}" for s in sig) + " |",
+           "|---|---|" + "---|" * len(sig)]
+    for name in result["modules"]:
+        rows = result["relative_l2"][name]
+        for lab in labels:
+            cells = [f"{a:.4f} / {b:.4f}" for a, b in zip(rows[lab], rows[f"{lab}/no-smooth"])]
+            out.append(f"| {name} | {lab} smoothed / not | " + " | ".join(cells) + " |")
+        out.append(f"| {name} | K offset ratio | " + " | ".join(f"{x:.2f}" for x in result["k_offset_ratio"][name])
+                   + " |")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,7 +167,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k-offset", type=float, default=0.0,
                     help="plant a token-shared key offset of this size (synthetic; 0 = the random init as is)")
     ap.add_argument("--json", default=str(RESULTS / "attention_flux_slice.json"))
+    ap.add_argument("--render", action="store_true", help="only print the table (and plot) of an existing --json")
     a = ap.parse_args(argv)
+    if a.render:
+        import json
+
+        res = json.loads(Path(a.json).read_text())["result"]
+        plot(res, Path(a.json).with_suffix(".png"))
+        print(markdown(res))
+        return
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     res = run(a.image_tokens, a.text_tokens, a.steps, a.seed, a.k_offset,
@@ -157,9 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     plot(res, Path(a.json).with_suffix(".png"))
     write_json_atomic(a.json, {"machine": f"{platform.machine()} CPU, {a.threads} torch threads (shared machine)",
                                "torch": torch.__version__, "args": vars(a), "result": res})
-    for name in res["modules"]:
-        print(name, {k: [round(x, 4) for x in v] for k, v in res["relative_l2"][name].items()},
-              "k offset", [round(x, 2) for x in res["k_offset_ratio"][name]])
+    print(markdown(res))
 
 
 if __name__ == "__main__":

@@ -104,25 +104,70 @@ def run_model(model: str, recipes: list[str], n: int, n_calib: int) -> dict:
             "paired": paired, "attention_error": error_table(stats, labels)}
 
 
-def plot_errors(result: dict, out_png: Path, labels=("int8-fp8", "int8-fp8/no-smooth")) -> None:
-    """Per-step relative L2 of every attention module, one line per module, one panel per label."""
+def plot_errors(result: dict, out_png: Path) -> None:
+    """Per-step relative L2 of every attention module (int8-fp8, and int8-fp16 where only Q·Kᵀ is
+    quantized), and the ratio smoothed / not smoothed of the latter (below 1: smoothing helps)."""
     from diffq.plotting import new_figure, save_figure
 
-    fig = new_figure((5.5 * len(labels), 4))
-    axes = fig.subplots(1, len(labels), sharey=True, squeeze=False)[0]
+    fig = new_figure((16, 4.2))
+    axes = fig.subplots(1, 3, squeeze=False)[0]
     t = result["step_buckets"]
-    for ax, label in zip(axes, labels):
-        for name, row in result["attention_error"].items():
-            ys = row[label]["per_step"]
-            ax.plot(t, ys, lw=1, label=name.replace("transformer_blocks", "tb").replace("attentions", "at"))
-        ax.set_title(f"{result['model']}: {label}")
+    for name, row in result["attention_error"].items():
+        short = name.replace("transformer_blocks", "tb").replace("attentions", "at").replace("_blocks", "")
+        for ax, label in zip(axes[:2], ("int8-fp8", "int8-fp16")):
+            ax.plot(t, row[label]["per_step"], lw=1, label=short)
+        ratio = [a / b if a and b else None for a, b in zip(row["int8-fp16"]["per_step"],
+                                                            row["int8-fp16/no-smooth"]["per_step"])]
+        axes[2].plot(t, ratio, lw=1, label=short)
+    for ax, title in zip(axes, ("int8-fp8 (K smoothed)", "int8-fp16: Q·Kᵀ error alone (K smoothed)",
+                                "int8-fp16 error, smoothed / not smoothed")):
+        ax.set_title(f"{result['model']}: {title}", fontsize=9)
         ax.set_xlabel("timestep (denoising runs right to left)")
         ax.invert_xaxis()
+    for ax in axes[:2]:
         ax.set_yscale("log")
-    axes[0].set_ylabel("relative L2 of attention output vs FP")
-    axes[-1].legend(fontsize=5, loc="upper right")
+        ax.set_ylabel("relative L2 of attention output vs FP")
+    axes[2].axhline(1.0, color="k", lw=0.8)
+    axes[2].legend(fontsize=5, loc="best")
     fig.tight_layout()
     save_figure(fig, out_png)
+
+
+LABELS = ("int8-fp16", "int8", "int8-fp8", "int4-fp8")
+
+
+def markdown(results: list[dict]) -> str:
+    """BENCHMARKS.md tables from the JSON: quality per recipe, paired differences, per-layer errors."""
+    out = []
+    for r in results:
+        out.append(f"**{r['model']}** ({r['prompts']} prompts, calibration {r['calib_prompts']} prompts)\n")
+        out.append("| recipe | PSNR vs FP (dB) | SSIM vs FP | CLIP score | digit accuracy | attention modules quantized |")
+        out.append("|---|---|---|---|---|---|")
+        for row in r["rows"]:
+            ps = "—" if row["psnr"] is None else f"{row['psnr']:.2f}"
+            out.append(f"| {row['recipe']} | {ps} | {row['ssim']:.4f} | {row['clip']:.2f} | {row['accuracy']:.3f} | "
+                       f"{row['attention_modules']} |")
+        out.append("")
+        for p in r["paired"]:
+            out.append(f"- `{p['recipe']}` - `{p['vs']}` (paired per image): PSNR {p['psnr']['mean']:+.3f} ± "
+                       f"{p['psnr']['se']:.3f} dB, CLIP {p['clip']['mean']:+.3f} ± {p['clip']['se']:.3f} "
+                       f"({p['clip_rel_pct']['mean']:+.2f}% ± {p['clip_rel_pct']['se']:.2f}% of FP's CLIP score)")
+        out.append("")
+        head = " | ".join(f"{lab} smoothed / not" for lab in LABELS)
+        out.append(f"| attention module (mean over steps) | {head} |")
+        out.append("|---|" + "---|" * len(LABELS))
+        lower = dict.fromkeys(LABELS, 0)
+        for name, row in r["attention_error"].items():
+            cells = []
+            for lab in LABELS:
+                a, b = row[lab]["mean"], row[f"{lab}/no-smooth"]["mean"]
+                lower[lab] += a < b
+                cells.append(f"{a:.4f} / {b:.4f}")
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        n = len(r["attention_error"])
+        out.append("| smoothing lowers the error in | " + " | ".join(f"{lower[lab]}/{n}" for lab in LABELS) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,7 +180,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calib-prompts", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=str(RESULTS / "attention_quality.json"))
+    ap.add_argument("--render", action="store_true", help="only print the tables (and plots) of an existing --json")
     a = ap.parse_args(argv)
+    if a.render:
+        import json
+
+        results = json.loads(Path(a.json).read_text())["results"]
+        for res in results:
+            plot_errors(res, Path(a.json).with_name(f"attention_error_{res['model']}.png"))
+        print(markdown(results))
+        return
     torch.set_num_threads(a.threads)
     results = []
     for model in a.models.split(","):
@@ -144,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         results.append(res)
     write_json_atomic(a.json, {"machine": f"{platform.machine()} CPU, {a.threads} torch threads (shared machine)",
                                "torch": torch.__version__, "args": vars(a), "results": results})
+    print(markdown(results))
 
 
 if __name__ == "__main__":

@@ -323,6 +323,27 @@ def test_save_load_restores_quantized_attention(tmp_path):
     assert torch.equal(generate(loaded, [0, 1], [0, 1], num_inference_steps=3), out)
 
 
+def test_attn_max_error_keeps_the_worst_modules_and_checkpoints_keep_the_choice(tmp_path):
+    pipe = tiny_pipeline("dit")
+    stats = calibrate(pipe, [0, 1], num_inference_steps=3, attention_operands=True, progress=False)
+    worst = {n: float(stats.attention_relative_error(n, "int8-fp8").max()) for n in stats.attention_error}
+    cut = min(worst.values()) * 1.0001  # keeps exactly the module with the smallest worst-step error
+    recipe = get_preset("w8a8-attn").with_overrides({"attn_max_error": cut})
+    with pytest.raises(diffq.errors.CalibrationError, match="attention_operands=True"):
+        diffq.quantize(copy.deepcopy(pipe), recipe, calibration=calibrate(pipe, [0], num_inference_steps=3,
+                                                                         progress=False), progress=False)
+    q = copy.deepcopy(pipe)
+    summary = diffq.quantize(q, recipe, calibration=stats, progress=False)
+    kept = [a.name for a in summary.attention if a.skipped is None]
+    assert kept == [min(worst, key=worst.get)]
+    assert all(a.skipped.startswith("error ") for a in summary.attention if a.name not in kept)
+    diffq.save(q, tmp_path / "ck")
+    loaded = diffq.load(tmp_path / "ck", copy.deepcopy(pipe))  # no calibration needed: the checkpoint lists them
+    from diffq.attention import installed_formats
+
+    assert installed_formats(loaded.transformer) == {kept[0]: "int8-fp8"}
+
+
 def test_calibration_records_attention_error_per_step(tmp_path):
     pipe = tiny_pipeline("pixart")
     stats = calibrate(pipe, ["a cat", "a dog"], num_inference_steps=3, attention_operands=True, progress=False)

@@ -61,10 +61,11 @@ def _block_key(block: str) -> tuple:
     return (_STAGE.get(head, 0), tuple(int(p) for p in block.split(".") if p.isdigit()))
 
 
-def choose_attention(denoiser: nn.Module, skip_roles: Sequence[str] = (), skip_patterns: Sequence[str] = ()
-                     ) -> list[AttentionChoice]:  # fmt: skip
-    """Every attention module with its roles and whether it is skipped (role, pattern, or a
-    processor diffq does not cover)."""
+def choose_attention(denoiser: nn.Module, skip_roles: Sequence[str] = (), skip_patterns: Sequence[str] = (),
+                     skip_names: dict[str, str] | None = None) -> list[AttentionChoice]:  # fmt: skip
+    """Every attention module with its roles and whether it is skipped (a processor diffq does not
+    cover, a role, a name pattern, or ``skip_names``: name -> reason)."""
+    skip_names = skip_names or {}
     mods = attention_modules(denoiser)
     blocks = {name: name.rpartition(".")[0] for name in mods}
     order = sorted(set(blocks.values()), key=_block_key)
@@ -83,6 +84,8 @@ def choose_attention(denoiser: nn.Module, skip_roles: Sequence[str] = (), skip_p
             pat = next((p for p in skip_patterns if re.search(p, name)), None)
             if pat is not None:
                 ch.skip = f"pattern {pat}"
+            elif name in skip_names:
+                ch.skip = skip_names[name]
         out.append(ch)
     return out
 
@@ -112,11 +115,12 @@ def install_attention(
     *,
     skip_roles: Sequence[str] = (),
     skip_patterns: Sequence[str] = (),
+    skip_names: dict[str, str] | None = None,
     backend: str = "auto",
 ) -> list[AttentionChoice]:
     """Quantize the attention of ``denoiser`` in place with ``fmt``; returns every attention
     module's choice (``format`` set on the quantized ones)."""
-    choices = choose_attention(denoiser, skip_roles, skip_patterns)
+    choices = choose_attention(denoiser, skip_roles, skip_patterns, skip_names)
     attend = QuantAttention(fmt, backend)  # stateless: one instance serves every module
     swap_processors(choices, lambda ch: attend)
     for ch in choices:

@@ -27,7 +27,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from diffq.kernels.attention_reference import AttnFormat, check_operands
+from diffq.errors import DiffqError
+from diffq.kernels.attention_reference import AttnFormat, attention_reference
 
 #: ``attend(q, k, v, mask) -> out``, all ``[B, H, tokens, D]`` (mask broadcastable to [B, H, M, N])
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -49,11 +50,11 @@ def quantized_attention(
     backend: ``"auto"`` (the Triton kernel on a CUDA GPU that runs it, else the torch reference),
     ``"triton"`` (forced) or ``"reference"`` (:func:`diffq.kernels.attention_reference.attention_reference`).
     """
-    from diffq.kernels.attention_reference import attention_reference
-
+    if backend not in BACKENDS:
+        raise DiffqError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "reference" or (backend == "auto" and not q.is_cuda):
         return attention_reference(q, k, v, fmt, mask, scale)
-    from diffq.kernels.attention import kernel_unavailable_reason, quant_attention_triton
+    from diffq.kernels.attention import kernel_unavailable_reason, quant_attention_triton  # imports Triton
 
     if backend == "auto" and (kernel_unavailable_reason(fmt, q.device) is not None or q.shape[-1] > 256):
         return attention_reference(q, k, v, fmt, mask, scale)
@@ -65,8 +66,6 @@ class QuantAttention:
 
     def __init__(self, fmt: AttnFormat, backend: str = "auto") -> None:
         if backend not in BACKENDS:
-            from diffq.errors import DiffqError
-
             raise DiffqError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.fmt = fmt
         self.backend = backend
@@ -100,10 +99,7 @@ class _Processor:
         self.attend = attend
 
     def _attention(self, q, k, v, mask):
-        if self.attend is None:
-            return sdpa(q, k, v, mask)
-        check_operands(q, k, v, mask)
-        return self.attend(q, k, v, mask)
+        return sdpa(q, k, v, mask) if self.attend is None else self.attend(q, k, v, mask)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.attend!r})"

@@ -120,7 +120,8 @@ def quantize(
                 f"recipe {recipe.name!r} needs calibration statistics (smoothing or static activation ranges); "
                 f"pass calibration=diffq.calibrate(pipe, prompts) or prompts=[...]"
             )
-        calibration = calibrate(pipe, list(prompts), progress=progress, **(calibrate_kwargs or {}))
+        kw = {"attention_operands": True} if recipe.needs_attention_errors else {}
+        calibration = calibrate(pipe, list(prompts), progress=progress, **kw, **(calibrate_kwargs or {}))
     if calibration is not None:
         calibration.check_matches(structure_fingerprint(denoiser), adapter.name)
     base_fp = weights_fingerprint(denoiser)

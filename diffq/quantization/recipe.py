@@ -61,7 +61,9 @@ class Recipe:
         ``attn_granularity``: ``block`` or ``head`` (one Q/K scale per head); ``attn_smooth_k``:
         subtract K's mean over tokens first. ``attn_skip_roles`` (``self_attn``, ``cross_attn``,
         ``joint_attn``, ``first_block``, ``last_block``) / ``attn_skip_patterns`` (regexes on the
-        attention module's name) keep those modules in 16 bits.
+        attention module's name) keep those modules in 16 bits. ``attn_max_error``: also keep every
+        module whose attention output error, measured per step by calibration
+        (``calibrate(attention_operands=True)``), exceeds this relative L2 at its worst step.
     """
 
     name: str = "custom"
@@ -88,6 +90,7 @@ class Recipe:
     attn_smooth_k: bool = True
     attn_skip_roles: tuple[str, ...] = ()
     attn_skip_patterns: tuple[str, ...] = ()
+    attn_max_error: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -122,6 +125,11 @@ class Recipe:
             or self.smooth_alpha != self.smooth_alpha
         ):
             bad("smooth_alpha", "a number in [0, 1] or null")
+        if self.attn_max_error is not None and (
+            isinstance(self.attn_max_error, bool) or not isinstance(self.attn_max_error, (int, float))
+            or math.isnan(self.attn_max_error) or self.attn_max_error <= 0
+        ):
+            bad("attn_max_error", "a positive number (a relative L2 error such as 0.05) or null")
         if self.timestep_groups is not None and (
             isinstance(self.timestep_groups, bool) or not isinstance(self.timestep_groups, int)
         ):
@@ -186,7 +194,12 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.act_static or self.smooth_alpha is not None
+        return self.act_static or self.smooth_alpha is not None or self.needs_attention_errors
+
+    @property
+    def needs_attention_errors(self) -> bool:
+        """Calibration must have measured attention errors (``attention_operands=True``)."""
+        return self.attn != "none" and self.attn_max_error is not None
 
     def attention_format(self):
         """The :class:`~diffq.kernels.attention_reference.AttnFormat` of ``attn`` (None for ``none``)."""
