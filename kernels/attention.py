@@ -167,6 +167,9 @@ def kernel_unavailable_reason(fmt: AttnFormat, device: torch.device | str) -> st
     cap = torch.cuda.get_device_capability(device)
     if cap < MIN_CAPABILITY:
         return f"the attention kernel needs compute capability >= 8.0 (INT8 MMA), this GPU is {cap[0]}.{cap[1]}"
+    if fmt.block > 64 and cap < (9, 0):
+        # 128 x 128 tiles spill ~35 KB per thread on sm_80 / sm_89 (benchmarks/attention_static.py)
+        return f"block {fmt.block} spills registers on compute capability {cap[0]}.{cap[1]}; use attn_block=64"
     return None
 
 

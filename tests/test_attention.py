@@ -5,10 +5,13 @@ the kernel's compile for sm_80 / sm_90 (in a subprocess: compiling needs Triton 
 interpreter).
 
 Tolerances (stated, and why):
-* kernel vs reference: |diff| <= 1e-5 * max|ref| + one ulp of the output dtype at |ref|. The integer
-  Q·Kᵀ and (INT8) P·V sums are exact on both sides; what differs is fp32 summation order (the
-  kernel's online-softmax rescaling vs the reference's sum against the final max) and exp2 in
-  numpy vs torch, which would show as a P code moving by one step -- it never did in these tests;
+* kernel vs reference: at least 99.9% of the outputs within 1e-5 * max|ref| + one ulp of the output
+  dtype at |ref|, and all within 1e-3 * max|ref| + one ulp. The integer Q·Kᵀ and (INT8) P·V sums
+  are exact on both sides; what differs is fp32 summation order (the kernel's online-softmax
+  rescaling vs the reference's sum against the final max) and exp2 in numpy vs torch: where the two
+  differ by an fp32 ulp at a rounding boundary a P code moves by one step, which moves that row's
+  output by up to one P step x |v| / row sum. On the E4M3 / INT8 grids that is rare (no case here);
+  on the fp16 grid of int8-fp16 about 1 element in 10^4 moves (measured 3e-5 * max|ref|);
 * reference vs FP SDPA on N(0, 1) operands: relative L2 of the output below 5% (int8-fp8), 2.5%
   (int8), 30% (int4-fp8), 2% (int8-fp16) -- measured 3.4-4.2%, 1.8%, 22%, 1.2%. FP8 V dominates int8-fp8: E4M3 rounds each
   value by up to 1/16 relative, and averaging over keys shrinks the signal as much as the error;
@@ -51,13 +54,17 @@ ULP = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
-    """|a - b| <= rel * max|b| + one ulp of b's dtype at |b|."""
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5, rare: float = 1e-3, share: float = 0.999) -> None:
+    """|a - b| <= rel * max|b| + one ulp of b's dtype at |b| for ``share`` of the elements, and
+    <= rare * max|b| + one ulp for all (a P code that rounded the other way)."""
     assert a.shape == b.shape and a.dtype == b.dtype
     af, bf = a.float(), b.float()
-    tol = rel * bf.abs().max() + ULP[b.dtype] * bf.abs()
+    ulp = ULP[b.dtype] * bf.abs() + 1e-12
     err = (af - bf).abs()
-    assert bool((err <= tol + 1e-12).all()), f"max err {float(err.max()):.3g}, max|ref| {float(bf.abs().max()):.3g}"
+    top = bf.abs().max()
+    within = (err <= rel * top + ulp).float().mean()
+    msg = f"max err {float(err.max()):.3g}, max|ref| {float(top):.3g}, share within {float(within):.5f}"
+    assert float(within) >= share and bool((err <= rare * top + ulp).all()), msg
 
 
 def _qkv(b, h, m, n, d, dtype=torch.float32, k_offset=0.0):
@@ -142,6 +149,15 @@ def test_kernel_matches_reference_on_joint_rotary_attention(d):
     _close(quant_attention_triton(q, k, v, AttnFormat()), ref)
     _close(quant_attention_triton(q, k, v, AttnFormat(), fp8_mma=False), ref)  # the Ampere path
     assert float(relative_l2(ref, F.scaled_dot_product_attention(q, k, v))) < 0.05
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", list(FORMATS), ids=str)
+def test_compiled_kernel_matches_reference_on_cuda(fmt):
+    """On a GPU (skipped without one): the compiled kernel at a FLUX-like shape, bf16."""
+    q, k, v = (t.cuda() for t in _qkv(1, 24, 1100, 1100, 128, dtype=torch.bfloat16, k_offset=2.0))
+    out = quantized_attention(q, k, v, FORMATS[fmt], backend="triton")
+    _close(out, attention_reference(q, k, v, FORMATS[fmt]), rel=1e-4, rare=1e-2, share=0.99)
 
 
 # ------------------------------------------------------------------ reference vs full precision
