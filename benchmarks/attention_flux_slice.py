@@ -122,10 +122,11 @@ def plot(result: dict, out_png: Path) -> None:
     mods = result["modules"]
     fig = new_figure((5 * len(mods), 4))
     axes = fig.subplots(1, len(mods), sharey=True, squeeze=False)[0]
+    bases = sorted({lab.split("/")[0] for m in result["relative_l2"].values() for lab in m})
     for ax, name in zip(axes, mods):
-        for i, (label, ys) in enumerate(sorted(result["relative_l2"][name].items())):
+        for label, ys in sorted(result["relative_l2"][name].items()):
             ax.plot(result["sigmas"], ys, marker="o", ms=3, ls="--" if "no-smooth" in label else "-",
-                    color=f"C{i // 2}", label=label)
+                    color=f"C{bases.index(label.split('/')[0])}", label=label)
         ax.set_title(f"{name} (K offset ratio {sum(result['k_offset_ratio'][name]) / len(result['sigmas']):.2f})",
                      fontsize=9)
         ax.set_xlabel("sigma (denoising runs right to left)")
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     plot(res, Path(a.json).with_suffix(".png"))
     write_json_atomic(a.json, {"machine": f"{platform.machine()} CPU, {a.threads} torch threads (shared machine)",
-                               "torch": torch.__version__, "args": vars(a), "result": res})
+                               "torch": torch.__version__, "args": vars(a) | {"json": Path(a.json).name}, "result": res})
     print(markdown(res))
 
 

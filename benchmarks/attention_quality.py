@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         plot_errors(res, Path(a.json).with_name(f"attention_error_{model}.png"))
         results.append(res)
     write_json_atomic(a.json, {"machine": f"{platform.machine()} CPU, {a.threads} torch threads (shared machine)",
-                               "torch": torch.__version__, "args": vars(a), "results": results})
+                               "torch": torch.__version__, "args": vars(a) | {"json": Path(a.json).name}, "results": results})
     print(markdown(results))
 
 

@@ -56,8 +56,8 @@ class Recipe:
         and ``act`` format (dynamic scales per token when ``act`` is static: the text encoders are
         not calibrated), without smoothing or a low-rank branch.
     attn: quantize the denoiser's attention itself (Q·Kᵀ and P·V, :mod:`diffq.attention`):
-        ``none``, ``int8`` (INT8 Q·Kᵀ and P·V), ``int8-fp8`` (INT8 Q·Kᵀ, FP8 E4M3 P·V) or
-        ``int4-fp8`` (an experiment). ``attn_block``: tokens per Q/K scale (16/32/64/128);
+        ``none``, ``int8`` (INT8 Q·Kᵀ and P·V), ``int8-fp8`` (INT8 Q·Kᵀ, FP8 E4M3 P·V), ``int8-fp16``
+        (INT8 Q·Kᵀ, 16-bit P·V) or ``int4-fp8`` (an experiment). ``attn_block``: tokens per Q/K scale (16/32/64/128);
         ``attn_granularity``: ``block`` or ``head`` (one Q/K scale per head); ``attn_smooth_k``:
         subtract K's mean over tokens first. ``attn_skip_roles`` (``self_attn``, ``cross_attn``,
         ``joint_attn``, ``first_block``, ``last_block``) / ``attn_skip_patterns`` (regexes on the
