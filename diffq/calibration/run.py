@@ -59,6 +59,7 @@ def calibrate(
     checkpoint: str | Path | None = None,
     reservoir: int = 0,
     attention_operands: bool = False,
+    pipeline_kwargs: dict | None = None,
 ) -> CalibrationStats:
     """Collect per-timestep input statistics of every quantizable layer of ``pipe``'s denoiser.
 
@@ -77,6 +78,8 @@ def calibrate(
         activations; 0 (default) keeps statistics only.
     attention_operands: also record Q, K and V of every attention module (the operands of Q·Kᵀ and
         P·V; :mod:`diffq.calibration.operands`) into ``stats.operands``, per step, like layer inputs.
+    pipeline_kwargs: more ``pipe(...)`` arguments for every batch, e.g. FLUX's true CFG
+        ``{"true_cfg_scale": 4.0, "negative_prompt": "blurry"}`` (two denoiser calls per step).
     Raises CalibrationError on an empty prompt list or a NaN/Inf input (naming layer and step).
     """
     prompts = list(prompts)
@@ -95,8 +98,9 @@ def calibrate(
     layers = quantizable_layers(denoiser)
     all_prompts = [p for p in prompts for _ in range(images_per_prompt)]
     # the base weights are part of the identity: stats of another fine-tune must never be mixed in
+    extra_id = [sorted(pipeline_kwargs.items())] if pipeline_kwargs else []  # older run ids stay valid
     run_id = _run_id(all_prompts, num_inference_steps, guidance_scale, seed, batch_size, record_steps, height,
-                     width, weights_fingerprint(denoiser), reservoir, attention_operands)
+                     width, weights_fingerprint(denoiser), reservoir, attention_operands, *extra_id)
     operand_mods = find_attention_operands(denoiser) if attention_operands else {}
     run = _Run(record_steps)
     sampler = torch.Generator().manual_seed(seed)
@@ -196,7 +200,7 @@ def calibrate(
             generate(
                 pipe, all_prompts[i : i + batch_size], seeds[i : i + batch_size],
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                height=height, width=width, batch_size=batch_size,
+                height=height, width=width, batch_size=batch_size, extra_kwargs=pipeline_kwargs,
             )
             bar.update(len(all_prompts[i : i + batch_size]))
             if checkpoint is not None:
