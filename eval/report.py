@@ -225,7 +225,7 @@ def html_table(table: Sequence[dict]) -> str:
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>\n"
 
 
-def _html_note(note: str) -> str:
+def html_inline(note: str) -> str:
     """Escaped note text with Markdown code spans (`like this`) as <code>."""
     parts = re.split(r"`([^`]+)`", note)
     return "".join(html.escape(p) if i % 2 == 0 else f"<code>{html.escape(p)}</code>" for i, p in enumerate(parts))
@@ -264,7 +264,7 @@ def write_report(out_dir: str | os.PathLike, *, title: str, grid_png: str | os.P
              f"<title>{e(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>", f"<h1>{e(title)}</h1>",
              html_table(table)]
     if notes:
-        parts.append('<ul class="notes">' + "".join(f"<li>{_html_note(str(n))}</li>" for n in notes) + "</ul>")
+        parts.append('<ul class="notes">' + "".join(f"<li>{html_inline(str(n))}</li>" for n in notes) + "</ul>")
     for alt, link in images:
         parts.append(f'<figure><img src="{e(quote(link))}" alt="{e(alt)}"><figcaption>{e(alt)}</figcaption></figure>')
     parts += ["</body>", "</html>", ""]
@@ -354,6 +354,7 @@ def plot_quality_vs_size(rows: Sequence[dict], x: str = "size_ratio", y: str = "
 
 __all__ = [
     "format_cell",
+    "html_inline",
     "html_table",
     "image_grid",
     "markdown_table",

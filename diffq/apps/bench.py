@@ -313,7 +313,7 @@ def evaluate_checkpoint(model: str, checkpoint: str, *, prompts: str = "digits",
     from diffq.checkpoint import load
 
     base = load_model(model)
-    q = load(checkpoint, load_model(model))
+    q = load(checkpoint, copy.deepcopy(base))  # one load: the quantized copy starts from the same weights
     steps = steps or _default_steps(model)
     ps = prompt_list(prompts, num_prompts)
     seeds = list(range(len(ps)))
