@@ -3,7 +3,7 @@ no recompile when the timestep changes and at most one per new resolution.
 
 The quantized forward has no host syncs (the timestep group is a tensor lookup) and no data-dependent
 branches (finite checks only with DIFFQ_CHECK_FINITE). Tracing on CPU is slow, so the default run traces
-one preset per family (all presets covered once between them) and compiles with ``aot_eager``; the full
+one preset per family (six different code paths) and compiles with ``aot_eager``; the full
 family x preset matrix and a whole-denoiser inductor build are ``-m slow``. Inductor runs here on a
 single quantized layer with a static per-timestep activation range.
 """
@@ -22,9 +22,11 @@ from diffq.pipelines.adapters import adapter_for
 from diffq.pipelines.testing import TINY_FAMILIES, tiny_call_kwargs, tiny_pipeline
 
 PRESETS = [p for p in diffq.PRESETS if p != "mixed"]
-#: one preset per family for the default run; with the two extra pairs every preset is traced once
+#: one preset per family for the default run, each exercising a different path (static per-timestep
+#: lookup, smoothing + low-rank branch, NVFP4, int4 groups, int4 activations, 3-bit packing); the
+#: full family x preset matrix is -m slow
 DEFAULT = [("sd", "w8a8-static"), ("sdxl", "w4a4-svd"), ("pixart", "fp4"), ("sd3", "w4a8"), ("flux", "w4a4"),
-           ("dit", "fp8"), ("pixart", "w3a8"), ("dit", "w4a16"), ("pixart", "w8a8")]
+           ("dit", "w3a8")]
 
 
 def _quantized(family: str, preset: str):
@@ -66,8 +68,8 @@ def test_quantized_denoiser_traces_without_graph_breaks(family, preset):
     _check_no_graph_breaks(family, preset)
 
 
-def test_default_set_covers_every_family_and_preset():
-    assert {f for f, _ in DEFAULT} == set(TINY_FAMILIES) and {p for _, p in DEFAULT} == set(PRESETS)
+def test_default_set_covers_every_family():
+    assert {f for f, _ in DEFAULT} == set(TINY_FAMILIES) and len({p for _, p in DEFAULT}) == len(DEFAULT)
 
 
 class _Counter:

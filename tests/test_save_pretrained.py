@@ -19,8 +19,7 @@ from diffq.pipelines.adapters import adapter_for
 from diffq.pipelines.testing import tiny_call_kwargs, tiny_pipeline
 from diffq.quantization.state import quant_state
 
-CASES = [("sd", "w4a4-svd"), ("sdxl", "w8a8-static"), ("flux", "fp4"), ("sd3", "fp8"), ("dit", "w3a8"),
-         ("pixart", "w4a8")]
+CASES = [("sd", "w4a4-svd"), ("sdxl", "w8a8-static"), ("flux", "fp4"), ("sd3", "w3a8")]
 
 
 def _quantized(family, preset):
@@ -31,7 +30,8 @@ def _quantized(family, preset):
 
 
 def _images(pipe, family):
-    return pipe(**tiny_call_kwargs(family), generator=torch.Generator().manual_seed(0)).images
+    kw = {**tiny_call_kwargs(family), "num_inference_steps": 2}  # 2 steps: enough to compare, half the time
+    return pipe(**kw, generator=torch.Generator().manual_seed(0)).images
 
 
 def _reload(folder, like, **kw):
@@ -118,14 +118,19 @@ def test_quantized_layers_expose_a_shape_only_weight_in_state_dict():
     """diffusers' LoRA loaders read ``state_dict()[name + ".weight"].shape``; the entry is a meta tensor
     (no data) that diffq never saves and load_state_dict ignores."""
     pipe = _quantized("flux", "w8a8")
-    sd = pipe.transformer.state_dict()
+    den = pipe.transformer
+    sd = den.state_dict()
     for name, m in quantized_modules(pipe.transformer).items():
         w = sd[f"{name}.weight"]
         assert w.is_meta and tuple(w.shape) == tuple(m.weight.shape)
         assert isinstance(m, (QuantLinear, QuantConv2d))
-    out = _images(pipe, "flux")
-    pipe.transformer.load_state_dict(sd, strict=True)  # the placeholders are dropped, nothing else changes
-    assert torch.equal(_images(pipe, "flux"), out)
+    sample = {"hidden_states": torch.randn(1, 16, 32), "encoder_hidden_states": torch.randn(1, 8, 32),
+              "pooled_projections": torch.randn(1, 32), "timestep": torch.tensor([0.5]), "guidance": torch.tensor([3.5]),
+              "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(8, 3), "return_dict": False}
+    with torch.no_grad():
+        out = den(**sample)[0]
+        den.load_state_dict(sd, strict=True)  # the placeholders are dropped, nothing else changes
+        assert torch.equal(den(**sample)[0], out)
     with pytest.raises(RuntimeError, match="Unexpected key"):  # a real dense weight is refused, not dropped
         name = next(iter(quantized_modules(pipe.transformer)))
         pipe.transformer.load_state_dict({**sd, f"{name}.weight": torch.zeros(sd[f"{name}.weight"].shape)})
