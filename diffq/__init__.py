@@ -9,6 +9,9 @@ imports higher; ``tests/test_layers.py`` enforces it) are listed in README.md ("
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 
 from diffq.errors import DiffqError
 
@@ -36,6 +39,48 @@ _LAZY = {
 
 __all__ = ["DiffqError", "__version__"]
 __all__ += list(_LAZY)
+
+
+class _DiffusersBackendHook(importlib.abc.MetaPathFinder):
+    """Registers diffq's diffusers quantization backend right after ``diffusers.quantizers.auto`` is
+    imported, so ``DiffusionPipeline.from_pretrained`` of a diffq-quantized save works after a plain
+    ``import diffq`` without making ``import diffq`` import diffusers (seconds)."""
+
+    TARGET = "diffusers.quantizers.auto"
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.TARGET:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            try:
+                from diffq.quantization.diffusers_backend import register
+            except ImportError:  # the backend itself is importing diffusers: it registers when it is done
+                return
+            register()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _install_backend_hook() -> None:
+    if _DiffusersBackendHook.TARGET in sys.modules:
+        try:
+            from diffq.quantization.diffusers_backend import register
+        except ImportError:
+            return
+        register()
+    elif not any(isinstance(f, _DiffusersBackendHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _DiffusersBackendHook())
+
+
+_install_backend_hook()
 
 
 def __getattr__(name: str):

@@ -5,7 +5,13 @@ Layout of a checkpoint folder:
   (scope ``denoiser`` or a text-encoder attribute);
 - ``manifest.json``: format version, recipe, bit plan, family, the base model's weight fingerprint,
   per layer its module kind, formats, geometry and each tensor's shape and dtype, and the sha256 of
-  the safetensors file.
+  the safetensors file; ``lora``: LoRAs applied with :func:`diffq.lora.load_lora`, in order (their
+  tensors are ``lora.<i>.<key>`` in the safetensors file, and the layers are saved as they were
+  before them: ``load`` re-applies them, so the reloaded pipeline computes exactly what was saved
+  and can still unload them).
+Quantized ``to_qkv``/``to_kv``/``to_added_qkv`` made by ``fuse_qkv_projections`` are not saved (they
+are copies of to_q/to_k/to_v: fuse again after loading). LoRA adapters loaded through diffusers are
+refused: unload them, or fuse and unload them first.
 Both are written atomically, the tensors first: a manifest only ever describes a complete file.
 Loading reads only safetensors and JSON (no pickle, no code), checks the checksum, the manifest
 against the tensors, and the fingerprint against the base pipeline, and refuses anything else.
@@ -25,12 +31,15 @@ from torch import nn
 from diffq.attention.install import attention_modules, installed_formats
 from diffq.errors import CheckpointError, DiffqError
 from diffq.fingerprint import weights_fingerprint
-from diffq.formats import QTensor, QuantSpec, decode_scale, unpack_bits
 from diffq.io import atomic_path, write_json_atomic
-from diffq.modules import ActQuantizer, QuantConv2d, QuantLinear, quantized_modules, set_submodule
+from diffq.lora import enable_peft_layers, load_lora, lora_record, peft_adapter_layers
+from diffq.modules import quantized_modules, set_submodule
 from diffq.numerics import maybe_check_finite
 from diffq.pipelines.adapters import adapter_for
 from diffq.quantization.attention import apply_attention
+from diffq.quantization.diffusers_backend import mark_quantized
+from diffq.quantization.fused_qkv import FUSED_NAMES
+from diffq.quantization.layer_record import layer_info, rebuild_layer
 from diffq.quantization.recipe import Recipe
 from diffq.quantization.state import QuantState, attach_state, quant_state, require_state
 
@@ -62,41 +71,34 @@ def _quantized_scopes(pipe) -> dict[str, nn.Module]:
     return {k: v for k, v in scopes.items() if k == "denoiser" or quantized_modules(v)}
 
 
-def _layer_info(m: QuantLinear | QuantConv2d) -> dict:
-    info = {
-        "kind": "conv" if isinstance(m, QuantConv2d) else "linear",
-        "in_features": m.in_features,
-        "out_features": m.out_features,
-        "weight": m.wspec.to_dict(),
-        "dtype": str(m.compute_dtype).replace("torch.", ""),
-        "act": None,
-    }
-    if isinstance(m, QuantConv2d):
-        info.update(kernel_size=list(m.kernel_size), stride=list(m.stride), dilation=list(m.dilation),
-                    padding=m.padding if isinstance(m.padding, str) else list(m.padding))
-    if m.act is not None:
-        info["act"] = {
-            "spec": m.act.spec.to_dict(),
-            "splits": list(m.act.splits) if m.act.splits else None,
-            "static": m.act.static,
-        }
-    return info
-
-
 def save(pipe, directory: str | Path) -> Path:
     """Write the quantized state of ``pipe`` to ``directory``; returns the folder."""
     directory = Path(directory)
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
     state = require_state(denoiser, "diffq.save")
-    tensors: dict[str, torch.Tensor] = {}
+    scopes = _quantized_scopes(pipe)
+    loaded = [f"{scope}/{n}" for scope, root in scopes.items() for n in peft_adapter_layers(root)]
+    if loaded:
+        raise CheckpointError(
+            f"this pipeline has LoRA adapters loaded with pipe.load_lora_weights ({len(loaded)} layers, e.g. "
+            f"{loaded[0]}); diffq.save writes the quantized layers only: pipe.unload_lora_weights() first, or "
+            f"pipe.fuse_lora() then pipe.unload_lora_weights() to bake the LoRA into the 16-bit branch"
+        )
+    pre_lora, lora_entries, tensors = lora_record(state)
+    fused = {f"denoiser/{a}.{p}" if a else f"denoiser/{p}" for a in state.fused_qkv for p in FUSED_NAMES}
     layers: dict[str, dict] = {}
-    for scope, root in _quantized_scopes(pipe).items():
+    for scope, root in scopes.items():
         for name, m in quantized_modules(root).items():
             key = f"{scope}/{name}"
-            info = _layer_info(m)
+            if key in fused:
+                continue
+            info = layer_info(m)
             info["tensors"] = {}
-            for bname, b in m.named_buffers():
+            buffers = dict(m.named_buffers())
+            if key in pre_lora:  # the branch as it was before load_lora; the LoRA is recorded apart
+                buffers["lr_down"], buffers["lr_up"] = pre_lora[key]
+            for bname, b in buffers.items():
                 if b is None:
                     continue
                 t = b.detach().contiguous().cpu()
@@ -121,6 +123,7 @@ def save(pipe, directory: str | Path) -> Path:
         # quantized attention holds no tensors (its scales are dynamic): the recipe's attn fields
         # rebuild it; this lists what they gave, for `diffq inspect`
         "attention": installed_formats(denoiser),
+        "lora": lora_entries,
     }
     manifest["manifest_sha256"] = manifest_digest(manifest)
     write_json_atomic(directory / MANIFEST_FILE, manifest)
@@ -187,46 +190,6 @@ def load_tensors(directory: str | Path, manifest: dict) -> dict[str, torch.Tenso
     return tensors
 
 
-def _rebuild(info: dict, buf: dict[str, torch.Tensor]) -> QuantLinear | QuantConv2d:
-    try:
-        wspec = QuantSpec.from_dict(info["weight"])
-        n, k_in = info["out_features"], info["in_features"]
-        ksz = info.get("kernel_size", [1, 1])
-        k = k_in * ksz[0] * ksz[1]
-        codes = (unpack_bits(buf["qweight"], wspec.bits, signed=wspec.is_int and wspec.symmetric)
-                 if wspec.packed else buf["qweight"])
-        if tuple(codes.shape) != (n, k):
-            raise CheckpointError(f"weight codes have shape {tuple(codes.shape)}, expected {(n, k)}")
-        gscale = buf.get("wscale_global")
-        zero = buf.get("wzero")
-        q = QTensor(
-            codes=codes, scale=decode_scale(buf["wscale"], wspec, gscale), spec=wspec, shape=torch.Size((n, k)),
-            zero=None if zero is None else zero.float(), scale_stored=buf["wscale"], global_scale=gscale,
-        )
-        act = None
-        if info.get("act"):
-            a = info["act"]
-            act = ActQuantizer(
-                QuantSpec.from_dict(a["spec"]), splits=tuple(a["splits"]) if a["splits"] else None,
-                amax=buf.get("act.amax"), bucket_to_group=buf.get("act.bucket_to_group"),
-            )
-        dtype = getattr(torch, str(info["dtype"]), None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise CheckpointError(f"layer compute dtype {info['dtype']!r} is not a floating-point torch dtype")
-        common = {"bias": buf.get("bias"), "act": act, "lr_down": buf.get("lr_down"),
-                  "lr_up": buf.get("lr_up"), "smooth": buf.get("smooth"), "dtype": dtype}
-        if info["kind"] == "conv":
-            pad = info["padding"]
-            return QuantConv2d(q, in_channels=k_in, kernel_size=tuple(ksz), stride=tuple(info["stride"]),
-                               padding=pad if isinstance(pad, str) else tuple(pad),
-                               dilation=tuple(info["dilation"]), **common)
-        return QuantLinear(q, **common)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
-        if isinstance(e, DiffqError):
-            raise
-        raise CheckpointError(f"checkpoint layer cannot be rebuilt ({type(e).__name__}: {e}); re-save it") from e
-
-
 def load(directory: str | Path, base_pipe):
     """Restore a quantized checkpoint onto ``base_pipe`` (the same base model, full precision)."""
     directory = Path(directory)
@@ -269,7 +232,7 @@ def load(directory: str | Path, base_pipe):
         except AttributeError as e:
             raise CheckpointError(f"checkpoint layer {key} does not exist in this pipeline") from e
         buf = {b: tensors[f"{key}.{b}"] for b in info["tensors"]}
-        new = _rebuild(info, buf)
+        new = rebuild_layer(info, buf)
         ref = next(old.parameters(), None)
         if ref is not None:
             new = new.to(ref.device)
@@ -281,5 +244,12 @@ def load(directory: str | Path, base_pipe):
         set_submodule(root, name, new)
     apply_attention(denoiser, recipe, names=None if attention is None else list(attention))
     attach_state(denoiser, state, adapter.timestep_of)
+    enable_peft_layers()
+    mark_quantized(scopes, state)
+    for i, entry in enumerate(manifest.get("lora") or []):  # LoRAs of diffq.lora.load_lora, in order
+        missing = [k for k in entry["keys"] if f"lora.{i}.{k}" not in tensors]
+        if missing:
+            raise CheckpointError(f"checkpoint misses LoRA tensors {missing[:3]}; re-save it")
+        load_lora(base_pipe, {k: tensors[f"lora.{i}.{k}"] for k in entry["keys"]}, scale=entry["scale"])
     maybe_check_finite(base_pipe)  # DIFFQ_CHECK_FINITE=1: name the layer and step of the first NaN/Inf
     return base_pipe

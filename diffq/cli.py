@@ -1,7 +1,10 @@
 """The ``diffq`` command line.
 
 Exit codes: 0 success; 1 a diffq error (bad input, missing weights, corrupted file: one line on
-stderr, the traceback only with ``--debug``); 2 command-line misuse (argparse); 130 interrupted.
+stderr, the traceback only with ``--debug``); 2 command-line misuse (argparse: unknown or missing
+options, counts that are not positive integers, option combinations that cannot work such as
+``--preset mixed`` without ``--plan``); 130 interrupted. Arguments that name files or models are
+checked before any model is loaded.
 ``--json`` prints one machine-readable JSON object on stdout instead of the human summary.
 """
 
@@ -28,6 +31,25 @@ def one_line(message: str) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+def _count(minimum: int):
+    """argparse type: an integer >= ``minimum`` (misuse otherwise, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+
+    parse.__name__ = "positive integer" if minimum == 1 else f"integer >= {minimum}"
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _count(1), _count(0)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -40,7 +62,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         help="digits-sd | digits-dit (shipped), tiny-<family> (random test pipelines), "
              "or a local diffusers folder / cached hub id (default: digits-sd)",
     )
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's demo setting)")
+    p.add_argument("--steps", type=POSITIVE, default=None,
+                   help="denoising steps, >= 1 (default: the model's demo setting)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
 
 
@@ -76,10 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="collect per-timestep activation statistics")
     _add_model(p)
     p.add_argument("--prompts", default="digits", help="prompt file (.txt/.csv/.jsonl) or a built-in set name")
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--images-per-prompt", type=int, default=1)
-    p.add_argument("--record-steps", type=int, default=None, help="record only N uniformly spread steps")
-    p.add_argument("--reservoir", type=int, default=0,
+    p.add_argument("--num-prompts", type=POSITIVE, default=32)
+    p.add_argument("--images-per-prompt", type=POSITIVE, default=1)
+    p.add_argument("--record-steps", type=POSITIVE, default=None, help="record only N uniformly spread steps")
+    p.add_argument("--reservoir", type=NON_NEGATIVE, default=0,
                    help="also keep N real input rows per layer and step (uniform sample; default 0: statistics only)")
     p.add_argument("--attention-operands", action="store_true",
                    help="also record Q, K, V of every attention (operands of Q·K and P·V) per step")
@@ -105,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder")
     p.add_argument("--prompts", default="digits")
-    p.add_argument("--num-prompts", type=int, default=20)
+    p.add_argument("--num-prompts", type=POSITIVE, default=20)
     p.add_argument("--out", default="runs/eval")
     _add_common(p)
 
@@ -124,11 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", default="fp,w8a8,w4a8,w4a4,w4a4-svd",
                    help="comma-separated presets; fp = the model unquantized (reference)")
     p.add_argument("--prompts", default="digits")
-    p.add_argument("--num-prompts", type=int, default=20)
-    p.add_argument("--images-per-prompt", type=int, default=1)
-    p.add_argument("--calib-prompts", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats for latency")
-    p.add_argument("--fid-images", type=int, default=0, help="images for FID vs held-out real data (0: skip)")
+    p.add_argument("--num-prompts", type=POSITIVE, default=20)
+    p.add_argument("--images-per-prompt", type=POSITIVE, default=1)
+    p.add_argument("--calib-prompts", type=POSITIVE, default=16)
+    p.add_argument("--repeats", type=POSITIVE, default=3, help="timed repeats for latency")
+    p.add_argument("--fid-images", type=NON_NEGATIVE, default=0, help="images for FID vs held-out real data (0: skip)")
     p.add_argument("--out", default="runs/bench")
     _add_common(p)
     return parser
@@ -161,14 +184,15 @@ def cmd_presets(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from diffq.apps.models import load_model
+    from diffq.apps.models import check_model_name, load_model
     from diffq.calibration import calibrate
     from diffq.eval.prompts import prompt_list
 
     prompts = prompt_list(args.prompts, args.num_prompts)  # bad prompt arguments fail before the model loads
+    check_model_name(args.model)
     pipe = load_model(args.model)
     stats = calibrate(
-        pipe, prompts, num_inference_steps=args.steps or 20, guidance_scale=args.guidance, seed=args.seed,
+        pipe, prompts, num_inference_steps=args.steps if args.steps is not None else 20, guidance_scale=args.guidance, seed=args.seed,
         images_per_prompt=args.images_per_prompt, record_steps=args.record_steps, progress=not args.quiet,
         checkpoint=args.out, reservoir=args.reservoir, attention_operands=args.attention_operands,
         # --out doubles as the resume checkpoint
@@ -180,7 +204,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from diffq.apps.models import load_model
+    from diffq.apps.models import check_model_name, load_model
     from diffq.calibration import CalibrationStats
     from diffq.checkpoint import save
     from diffq.eval.prompts import prompt_list
@@ -190,8 +214,12 @@ def cmd_quantize(args) -> int:
     if args.show_recipe:
         print(recipe.to_json())
         return 0
-    pipe = load_model(args.model)
+    if recipe.weight is None and args.plan is None and not Path(recipe.bit_plan or "").is_file():
+        args.parser.error(f"--preset {args.preset} takes its per-layer formats from a bit plan: pass --plan PLAN.json "
+                          f"(a BitPlan from diffq.allocate; notebooks/03_mixed_precision makes one)")
+    check_model_name(args.model)
     stats = CalibrationStats.load(args.calibration) if args.calibration else None
+    pipe = load_model(args.model)
     plan = None
     if args.plan:
         from diffq.mixed.plan import BitPlan
@@ -199,7 +227,7 @@ def cmd_quantize(args) -> int:
         plan = BitPlan.load(args.plan)
     prompts = prompt_list(args.prompts, 16) if recipe.needs_calibration and stats is None else None
     summary = quantize(pipe, recipe, calibration=stats, prompts=prompts, plan=plan, progress=not args.quiet,
-                       calibrate_kwargs={"num_inference_steps": args.steps or 20})
+                       calibrate_kwargs={"num_inference_steps": args.steps if args.steps is not None else 20})
     save(pipe, args.out)
     _emit(args, summary.table() + f"\nsaved -> {args.out}", summary.to_dict() | {"out": args.out})
     return 0
@@ -242,7 +270,9 @@ def _nbytes(meta: dict) -> int:
 
 def cmd_bench(args) -> int:
     from diffq.apps.bench import BenchConfig, run_bench
+    from diffq.apps.models import check_model_name
 
+    check_model_name(args.model)
     cfg = BenchConfig(
         model=args.model, recipes=[r.strip() for r in args.recipes.split(",") if r.strip()], prompts=args.prompts,
         num_prompts=args.num_prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
@@ -256,7 +286,11 @@ def cmd_bench(args) -> int:
 
 def cmd_eval(args) -> int:
     from diffq.apps.bench import evaluate_checkpoint
+    from diffq.apps.models import check_model_name
+    from diffq.checkpoint import read_manifest
 
+    read_manifest(args.checkpoint)  # a missing or damaged checkpoint fails before any model loads
+    check_model_name(args.model)
     result = evaluate_checkpoint(
         args.model, args.checkpoint, prompts=args.prompts, num_prompts=args.num_prompts, steps=args.steps,
         guidance=args.guidance, out=args.out, progress=not args.quiet,
@@ -304,6 +338,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.parser = parser
     if args.command is None:
         parser.print_help()
         return 2

@@ -75,8 +75,12 @@ def generate(
     batch_size: int = 8,
     progress: bool = False,
     desc: str = "generate",
+    extra_kwargs: dict | None = None,
 ) -> torch.Tensor:
-    """Images [N, 3, H, W] float32 in [0, 1] on CPU; image i uses ``seeds[i]`` (default i)."""
+    """Images [N, 3, H, W] float32 in [0, 1] on CPU; image i uses ``seeds[i]`` (default i).
+
+    extra_kwargs: more ``pipe(...)`` arguments, e.g. FLUX's ``{"true_cfg_scale": 4.0,
+    "negative_prompt": "blurry"}`` (a negative prompt string applies to every image)."""
     prompts = list(prompts)
     if not prompts:
         raise DiffqError("no prompts given; pass at least one prompt")
@@ -91,7 +95,7 @@ def generate(
         pipe.set_progress_bar_config(disable=True)
     try:
         out = _generate_batches(pipe, prompts, seeds, batch_size, device, bar, num_inference_steps,
-                                guidance_scale, height, width)
+                                guidance_scale, height, width, extra_kwargs or {})
     finally:
         if hasattr(pipe, "set_progress_bar_config"):
             pipe._progress_bar_config = saved_bar_config
@@ -100,7 +104,7 @@ def generate(
 
 
 def _generate_batches(pipe, prompts, seeds, batch_size, device, bar, num_inference_steps, guidance_scale,
-                      height, width) -> list[torch.Tensor]:
+                      height, width, extra: dict) -> list[torch.Tensor]:
     out = []
     for i in range(0, len(prompts), batch_size):
         ps = prompts[i : i + batch_size]
@@ -109,6 +113,7 @@ def _generate_batches(pipe, prompts, seeds, batch_size, device, bar, num_inferen
             pipe, ps, gens, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             height=height, width=width,
         )
+        kw.update(extra)
         if device.type != "cpu":
             kw["generator"] = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds[i : i + batch_size]]
         res = pipe(**kw)

@@ -20,18 +20,18 @@ exponents to ``[-127, 127]``. Inputs with NaN/Inf are refused when quantizing we
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from diffq.errors import QuantizationError
+from diffq.formats.core import FINITE_CHECK_ENV, finite_check_requested
 from diffq.modules import QuantConv2d, QuantLinear
 from diffq.pipelines.adapters import adapter_for
 from diffq.quantization.state import quant_state
 
-ENV_VAR = "DIFFQ_CHECK_FINITE"
+ENV_VAR = FINITE_CHECK_ENV
 
 
 @dataclass
@@ -84,7 +84,7 @@ def check_finite(pipe_or_module) -> FiniteCheck:
             def where(tracker=tracker, start=start) -> str:
                 if tracker is None:
                     return "a forward pass"
-                return f"denoiser step {tracker.calls - start - 1} (timestep bucket {tracker.bucket})"
+                return f"denoiser step {tracker.calls - start - 1} (timestep bucket {int(tracker.bucket)})"
 
             def pre_hook(m, args, label=label, where=where):
                 # before the activation quantizer, which would refuse the input without naming the layer
@@ -113,7 +113,7 @@ def check_finite(pipe_or_module) -> FiniteCheck:
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get(ENV_VAR, "") not in ("", "0")
+    return finite_check_requested()
 
 
 def maybe_check_finite(pipe) -> FiniteCheck | None:

@@ -6,7 +6,11 @@ zipped, attached or served as is.  All text is escaped; every file is written at
 name in the same folder, then ``os.replace``) so an interrupted run never leaves a truncated report.
 
 Table cells: strings are shown as given (callers pre-format numbers the way they want), floats as
-``{:.4g}``, ``None``/NaN as ``-``.
+``{:.4g}``, ``None``/NaN as ``-``. Notes may mark code with backticks: Markdown keeps them, HTML shows
+them as ``<code>``.
+
+Labels in the grid are drawn word by word with a gap of at least a third of the line height: PIL's
+small default font renders a space one or two pixels wide, which made "the digit 0" read "the digit0".
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import html
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,9 +48,31 @@ def _to_pil(image: Any):
     return Image.fromarray(arr, "RGB")
 
 
-def _text_w(draw, text: str, font) -> int:
-    box = draw.textbbox((0, 0), text, font=font)
+def _word_w(draw, word: str, font) -> int:
+    box = draw.textbbox((0, 0), word, font=font)
     return box[2] - box[0]
+
+
+def _gap(draw, font) -> int:
+    """Pixels between words: the font's space, but never less than a third of a line."""
+    line = draw.textbbox((0, 0), "Ag", font=font)[3]
+    return max(_word_w(draw, "a a", font) - _word_w(draw, "aa", font), line // 3, 3)
+
+
+def _text_w(draw, text: str, font) -> int:
+    words = str(text).split()
+    if not words:
+        return 0
+    return sum(_word_w(draw, w, font) for w in words) + _gap(draw, font) * (len(words) - 1)
+
+
+def _draw_text(draw, xy: tuple[int, int], text: str, font) -> None:
+    """Draw ``text`` at ``xy`` word by word with :func:`_gap` between words."""
+    x, y = xy
+    gap = _gap(draw, font)
+    for w in str(text).split():
+        draw.text((x, y), w, fill="black", font=font)
+        x += _word_w(draw, w, font) + gap
 
 
 def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
@@ -122,14 +149,14 @@ def image_grid(rows_of_images: Sequence[Sequence[Any]], row_labels: Sequence[str
     for c in range(ncol):
         x0 = pad + left + c * (cw + pad)
         for i, ln in enumerate(col_lines[c] if col_lines else []):
-            draw.text((x0 + (cw - _text_w(draw, ln, font)) // 2, pad + i * line_h), ln, fill="black", font=font)
+            _draw_text(draw, (x0 + (cw - _text_w(draw, ln, font)) // 2, pad + i * line_h), ln, font)
     for r, row in enumerate(cells):
         y0 = pad + head_h + r * (ch + pad)
         if row_lines:
             lines = row_lines[r]
             ty = y0 + max(0, (ch - len(lines) * line_h) // 2)
             for i, ln in enumerate(lines):
-                draw.text((pad, ty + i * line_h), ln, fill="black", font=font)
+                _draw_text(draw, (pad, ty + i * line_h), ln, font)
         for c, im in enumerate(row):
             big = im.resize((im.width * k, im.height * k), Image.NEAREST) if k > 1 else im
             x0 = pad + left + c * (cw + pad)
@@ -198,6 +225,12 @@ def html_table(table: Sequence[dict]) -> str:
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>\n"
 
 
+def html_inline(note: str) -> str:
+    """Escaped note text with Markdown code spans (`like this`) as <code>."""
+    parts = re.split(r"`([^`]+)`", note)
+    return "".join(html.escape(p) if i % 2 == 0 else f"<code>{html.escape(p)}</code>" for i, p in enumerate(parts))
+
+
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
 color:#222;padding:0 1em}table{border-collapse:collapse;margin:1em 0;font-size:14px}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}
@@ -231,7 +264,7 @@ def write_report(out_dir: str | os.PathLike, *, title: str, grid_png: str | os.P
              f"<title>{e(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>", f"<h1>{e(title)}</h1>",
              html_table(table)]
     if notes:
-        parts.append('<ul class="notes">' + "".join(f"<li>{e(str(n))}</li>" for n in notes) + "</ul>")
+        parts.append('<ul class="notes">' + "".join(f"<li>{html_inline(str(n))}</li>" for n in notes) + "</ul>")
     for alt, link in images:
         parts.append(f'<figure><img src="{e(quote(link))}" alt="{e(alt)}"><figcaption>{e(alt)}</figcaption></figure>')
     parts += ["</body>", "</html>", ""]
@@ -240,33 +273,80 @@ def write_report(out_dir: str | os.PathLike, *, title: str, grid_png: str | os.P
 
 
 # --------------------------------------------------------------------------------------- plot
+AXIS_LABELS = {
+    "size_ratio": "size reduction vs bf16 (x, higher = smaller)",
+    "psnr": "PSNR vs full precision (dB, higher = closer)",
+    "ssim": "SSIM vs full precision (higher = closer)",
+}
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats in both coordinates (both higher = better), by x."""
+    front = [i for i, (x, y) in enumerate(points)
+             if not any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for x2, y2 in points)]
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
+
+
+def _label_offsets(pts: list[tuple[float, float]], xspan: float, yspan: float) -> list[int]:
+    """Vertical offset (points) per label so labels of close points stack instead of overlapping."""
+    placed: list[tuple[float, float, int]] = []
+    out = []
+    for x, y in pts:
+        k = sum(1 for px, py, _ in placed if abs(px - x) < 0.06 * xspan and abs(py - y) < 0.06 * yspan)
+        placed.append((x, y, k))
+        out.append(4 + 10 * k)
+    return out
+
+
 def plot_quality_vs_size(rows: Sequence[dict], x: str = "size_ratio", y: str = "psnr",
                          out_png: str | os.PathLike = "quality_vs_size.png", *, label: str = "recipe",
                          title: str | None = None, xlabel: str | None = None, ylabel: str | None = None) -> Path:
-    """Scatter ``rows[i][y]`` against ``rows[i][x]``, each point annotated with ``rows[i][label]``.
+    """Scatter ``rows[i][y]`` against ``rows[i][x]`` (both: higher is better), labels from ``rows[i][label]``,
+    with the Pareto front (points no other point beats on both axes) drawn as a line.
 
-    Rows whose x or y is missing or not finite are skipped (e.g. PSNR = inf for the reference).
+    A row whose y is +inf is the reference (full precision: infinite PSNR against itself); it is not a
+    point at some made-up height but a dotted vertical line at its x, labelled. Other rows whose x or y
+    is missing or not finite are skipped. Labels of points that sit close together are stacked.
     Uses matplotlib's Agg canvas directly (no pyplot, no global backend change); written atomically.
     """
-    pts = []
+    pts, refs = [], []
     for r in rows:
         try:
             xv, yv = float(r[x]), float(r[y])
         except (KeyError, TypeError, ValueError):
             continue
-        if math.isfinite(xv) and math.isfinite(yv):
+        if math.isfinite(xv) and yv == math.inf:
+            refs.append((xv, str(r.get(label, ""))))
+        elif math.isfinite(xv) and math.isfinite(yv):
             pts.append((xv, yv, str(r.get(label, ""))))
     fig = new_figure((5.5, 4.0))
     ax = fig.add_subplot(1, 1, 1)
+    for xv, name in refs:
+        ax.axvline(xv, color="0.5", linestyle=":", zorder=1)
+        ax.annotate(f"{name} (reference)", (xv, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=8, color="0.35")
     if pts:
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", zorder=3)
-        for xv, yv, name in pts:
-            ax.annotate(name, (xv, yv), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        coords = [(p[0], p[1]) for p in pts]
+        front = pareto_front(coords)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], facecolors="white", edgecolors="tab:blue", zorder=3)
+        ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], color="tab:blue", zorder=4,
+                   label="Pareto front")
+        if len(front) > 1:
+            ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="tab:blue", alpha=0.5, zorder=2)
+        xs = [p[0] for p in pts] + [r[0] for r in refs]
+        ys = [p[1] for p in pts]
+        xspan = (max(xs) - min(xs)) or 1.0
+        yspan = (max(ys) - min(ys)) or 1.0
+        order = sorted(range(len(pts)), key=lambda i: (pts[i][1], pts[i][0]))
+        offsets = _label_offsets([coords[i] for i in order], xspan, yspan)
+        for i, dy in zip(order, offsets):
+            ax.annotate(pts[i][2], pts[i][:2], textcoords="offset points", xytext=(5, dy), fontsize=8)
+        ax.legend(loc="best", fontsize=8, frameon=False)
     else:
         ax.text(0.5, 0.5, "no finite points to plot", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel(xlabel or x.replace("_", " "))
-    ax.set_ylabel(ylabel or y.replace("_", " "))
-    ax.set_title(title or f"{y} vs {x}")
+    ax.set_xlabel(xlabel or AXIS_LABELS.get(x, x.replace("_", " ")))
+    ax.set_ylabel(ylabel or AXIS_LABELS.get(y, y.replace("_", " ")))
+    ax.set_title(title or "quality vs size (up and right is better)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, out_png)
@@ -274,9 +354,11 @@ def plot_quality_vs_size(rows: Sequence[dict], x: str = "size_ratio", y: str = "
 
 __all__ = [
     "format_cell",
+    "html_inline",
     "html_table",
     "image_grid",
     "markdown_table",
+    "pareto_front",
     "plot_quality_vs_size",
     "save_png",
     "write_report",

@@ -180,3 +180,61 @@ def test_plot_skips_non_finite_points_and_handles_none(tmp_path):
                               {"recipe": "x", "size_ratio": None, "psnr": 3.0}], out_png=tmp_path / "p.png")
     with Image.open(p) as im:
         assert im.format == "PNG" and im.size == (605, 440)
+
+
+def _dark_columns(img, x0: int, x1: int, y0: int, y1: int) -> list[bool]:
+    return [any(sum(img.getpixel((x, y))) < 300 for y in range(y0, y1)) for x in range(x0, x1)]
+
+
+def test_row_labels_keep_their_word_gaps():
+    """PIL's small default font draws a space 1-2 px wide ("the digit0"); labels are drawn word by word."""
+    grid = image_grid([[_solid(0, 0)]], row_labels=["the digit 0"], pad=4)
+    cols = _dark_columns(grid, 0, 4 + 64, 0, grid.height)
+    runs, gap = [], 0
+    seen_ink = False
+    for dark in cols:
+        if dark:
+            if seen_ink and gap:
+                runs.append(gap)
+            gap, seen_ink = 0, True
+        elif seen_ink:
+            gap += 1
+    word_gaps = sorted(runs)[-2:]  # the two widest blank runs inside the label are the word gaps
+    assert len(runs) >= 2 and min(word_gaps) >= 3, runs
+
+
+def test_html_notes_show_code_spans_as_code(tmp_path):
+    write_report(tmp_path, title="t", metrics_table=[{"a": 1}], notes=["FID not measured (`--fid-images 0`) & <b>"])
+    text = (tmp_path / "report.html").read_text()
+    assert "<code>--fid-images 0</code>" in text and "`" not in text and "&amp; &lt;b&gt;" in text
+    assert "(`--fid-images 0`)" in (tmp_path / "report.md").read_text()
+
+
+def test_pareto_front_keeps_the_points_nothing_beats(tmp_path):
+    from diffq.eval.report import pareto_front
+
+    pts = [(1.9, 38.0), (3.1, 31.9), (3.1, 31.2), (3.2, 22.0), (2.8, 27.0)]
+    assert pareto_front(pts) == [0, 1, 3]
+    p = plot_quality_vs_size([{"recipe": "fp", "size_ratio": 1.0, "psnr": math.inf}]
+                             + [{"recipe": f"r{i}", "size_ratio": x, "psnr": y} for i, (x, y) in enumerate(pts)],
+                             out_png=tmp_path / "p.png")
+    with Image.open(p) as im:
+        assert im.size == (605, 440)
+
+
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_bench_table_latency_and_unmeasured_columns(repeats):
+    from diffq.apps.bench import BenchResult, RecipeResult, _not_measured
+
+    rows = [RecipeResult("fp", psnr=math.inf, ssim=1.0, lpips=0.0, latency_s=1.0, latency_spread_s=0.0),
+            RecipeResult("w8a8", psnr=38.0, ssim=0.98, latency_s=0.9, latency_spread_s=0.1, size_ratio=1.9)]
+    res = BenchResult("tiny-sd", {"repeats": repeats}, rows, notes=_not_measured(rows, 0, False))
+    table = res.table_rows()
+    cols = list(table[0])
+    assert "LPIPS vs FP" not in cols and "FID" not in cols and "CLIP score" not in cols
+    lat = next(c for c in cols if c.startswith("latency"))
+    if repeats == 1:
+        assert lat == "latency s (one run)" and table[1][lat] == "0.900"
+    else:
+        assert "±" in lat and table[1][lat] == "0.900 ± 0.050"
+    assert any("LPIPS not measured" in n for n in res.notes) and any("FID not measured" in n for n in res.notes)

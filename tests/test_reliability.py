@@ -378,8 +378,11 @@ def test_cli_errors_are_one_line(cli_dir, monkeypatch, capsys):
     assert main(["quantize", "--out", "x", "--show-recipe", "--recipe", str(bad_yaml)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("diffq: error: recipe file")
-    assert main(["calibrate", "--out", "x", "--num-prompts", "0"]) == 1
-    assert "number of prompts" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a count below 1 is command-line misuse: exit 2
+        main(["calibrate", "--out", "x", "--num-prompts", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--num-prompts" in err
     assert main(["inspect", str(cli_dir / "ckpt")]) == 1
     assert "misses field" in capsys.readouterr().err
 

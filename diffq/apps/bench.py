@@ -87,6 +87,8 @@ class BenchResult:
                 "notes": self.notes, "out": self.out}
 
     def table_rows(self) -> list[dict]:
+        """One row per recipe; metric columns nothing measured (all "-") are left out (the notes say why)."""
+        repeats = self.config.get("repeats", 0)
         out = []
         for r in self.rows:
             out.append({
@@ -99,11 +101,13 @@ class BenchResult:
                 "FID": _fmt(r.fid, 2),
                 "denoiser MiB (16-bit floats)": f"{r.denoiser_bytes / 2**20:.3f}",
                 "size vs bf16": f"{r.size_ratio:.2f}x",
-                "latency s (median ± spread)": "-" if r.latency_s is None
-                else f"{r.latency_s:.3f} ± {r.latency_spread_s / 2:.3f}",
+                _latency_header(repeats): _latency(r, repeats),
                 "ms/step": _fmt(r.step_ms, 1),
             })
-        return out
+        # the reference's own PSNR/SSIM/LPIPS (inf/1/0) say nothing: a column stays if a quantized row has a value
+        measured = [row for row, r in zip(out, self.rows) if r.recipe not in REFERENCE] or out
+        keep = [c for c in (out[0] if out else {}) if c == "recipe" or any(row[c] != "-" for row in measured)]
+        return [{c: row[c] for c in keep} for row in out]
 
     def text(self) -> str:
         rows = self.table_rows()
@@ -114,6 +118,18 @@ class BenchResult:
         lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
         lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
         return f"{self.model}\n" + "\n".join(lines) + ("\n" + "\n".join(self.notes) if self.notes else "")
+
+
+def _latency_header(repeats: int) -> str:
+    return "latency s (median ± half spread)" if repeats > 1 else "latency s (one run)"
+
+
+def _latency(r: RecipeResult, repeats: int) -> str:
+    if r.latency_s is None:
+        return "-"
+    if repeats > 1 and r.latency_spread_s is not None:
+        return f"{r.latency_s:.3f} ± {r.latency_spread_s / 2:.3f}"
+    return f"{r.latency_s:.3f}"
 
 
 def _fmt(v: float | None, nd: int) -> str:
@@ -238,9 +254,23 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     if not cuda:
         notes.append("Ran on CPU: quantized layers use the torch reference path (dequantize + dense op), "
                      "so latency shows no speed-up here; size ratios are what the formats buy.")
+    notes += _not_measured(rows, fid_n, judge.available)
     result = BenchResult(cfg.model, asdict(cfg) | {"steps": steps, "guidance": guidance}, rows, notes, str(out))
     write_bench_outputs(result, images_by_recipe, prompts, out, cfg.grid_rows)
     return result
+
+
+def _not_measured(rows: list[RecipeResult], fid_images: int, judged: bool) -> list[str]:
+    """Notes for the metric columns the table leaves out because nothing was measured."""
+    quantized = [r for r in rows if r.recipe not in REFERENCE]
+    notes = []
+    if quantized and all(r.lpips is None for r in quantized):
+        notes.append("LPIPS not measured: its weights are not available offline.")
+    if not fid_images:
+        notes.append("FID not measured (`--fid-images 0`); at a few hundred images it separates nothing anyway.")
+    elif not judged:
+        notes.append("FID and CLIP score not measured: this model has no judge network (digits models only).")
+    return notes
 
 
 def _default_guidance(model: str) -> float | None:
@@ -266,9 +296,12 @@ def write_bench_outputs(result: BenchResult, images: dict[str, torch.Tensor], pr
     with atomic_path(out / "grid.png") as tmp:
         grid.save(tmp, format="PNG")
     write_json_atomic(out / "metrics.json", result.to_dict())
-    plot_rows = [{"recipe": r.recipe, "size_ratio": r.size_ratio, "psnr": min(r.psnr, 60.0)}
-                 for r in result.rows if r.psnr is not None]
-    plot_quality_vs_size(plot_rows, x="size_ratio", y="psnr", out_png=out / "quality_vs_size.png")
+    # the reference has PSNR = inf against itself: the plot draws it as a reference line, not a point
+    plot_rows = [{"recipe": r.recipe, "size_ratio": r.size_ratio,
+                  "psnr": math.inf if r.recipe in REFERENCE else r.psnr}
+                 for r in result.rows if r.psnr is not None or r.recipe in REFERENCE]
+    plot_quality_vs_size(plot_rows, x="size_ratio", y="psnr", out_png=out / "quality_vs_size.png",
+                         title=f"{result.model}: quality vs size (up and right is better)")
     write_report(out, title=f"diffq bench: {result.model}", grid_png="grid.png",
                  metrics_table=result.table_rows(), plots=["quality_vs_size.png"], notes=result.notes)
 
@@ -280,7 +313,7 @@ def evaluate_checkpoint(model: str, checkpoint: str, *, prompts: str = "digits",
     from diffq.checkpoint import load
 
     base = load_model(model)
-    q = load(checkpoint, load_model(model))
+    q = load(checkpoint, copy.deepcopy(base))  # one load: the quantized copy starts from the same weights
     steps = steps or _default_steps(model)
     ps = prompt_list(prompts, num_prompts)
     seeds = list(range(len(ps)))

@@ -11,6 +11,7 @@ import html
 from pathlib import Path
 
 from diffq.apps.bench import BenchConfig, BenchResult, run_bench
+from diffq.eval.report import html_inline
 from diffq.io import write_text_atomic
 
 DEFAULT_RECIPES = ["fp", "w8a8", "w8a8-static", "w4a8", "w4a16", "w4a4", "w4a4-svd", "fp8", "fp4"]
@@ -42,7 +43,7 @@ def write_demo_report(out: Path, results: list[BenchResult]) -> None:
           ("Each model is quantized with every preset; images use the same prompts and seeds as full "
            "precision (the `fp` column: the model as loaded, float32 on CPU). PSNR/SSIM compare with full "
            "precision; CLIP score and digit accuracy use the digits-clip judge."), ""]
-    body = ["<h1>diffq demo report</h1>", f"<p>{html.escape(md[2])}</p>"]
+    body = ["<h1>diffq demo report</h1>", f"<p>{html_inline(md[2])}</p>"]
     for res in results:
         rel = Path(res.out).name
         rows = res.table_rows()
@@ -54,7 +55,7 @@ def write_demo_report(out: Path, results: list[BenchResult]) -> None:
         body += [f"<h2>{html.escape(res.model)}</h2>", f'<img src="{rel}/grid.png" alt="grid" style="max-width:100%">',
                  "<table border=1 cellpadding=4><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"]
         body += ["<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in cols) + "</tr>" for r in rows]
-        body += ["</table>", *[f"<p><i>{html.escape(n)}</i></p>" for n in res.notes],
+        body += ["</table>", *[f"<p><i>{html_inline(n)}</i></p>" for n in res.notes],
                  f'<p><a href="{rel}/report.html">details</a></p>']
     write_text_atomic(out / "report.md", "\n".join(md) + "\n")
     write_text_atomic(out / "report.html", "<!doctype html><html><head><meta charset='utf-8'><title>diffq demo"

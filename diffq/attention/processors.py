@@ -92,7 +92,7 @@ def _merge_heads(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, -1, x.shape[1] * x.shape[3])
 
 
-class _Processor:
+class QuantProcessor:
     """Common part: the ``attend`` callable (None = the replaced processor's own attention)."""
 
     def __init__(self, attend: Attend | None = None) -> None:
@@ -105,7 +105,7 @@ class _Processor:
         return f"{type(self).__name__}({self.attend!r})"
 
 
-class QuantAttnProcessor(_Processor):
+class QuantAttnProcessor(QuantProcessor):
     """Replaces ``AttnProcessor2_0`` / ``AttnProcessor`` (self- and cross-attention of UNets,
     PixArt and DiT). Takes the same arguments; ``attention_mask`` goes through
     ``attn.prepare_attention_mask`` and is reshaped to [B, heads, M or 1, N] like there."""
@@ -147,7 +147,7 @@ class QuantAttnProcessor(_Processor):
         return out / attn.rescale_output_factor
 
 
-class QuantJointAttnProcessor(_Processor):
+class QuantJointAttnProcessor(QuantProcessor):
     """Replaces ``JointAttnProcessor2_0`` (SD3): one softmax over the image tokens followed by the
     text tokens (``encoder_hidden_states``, projected by ``add_*_proj``)."""
 
@@ -177,7 +177,7 @@ class QuantJointAttnProcessor(_Processor):
         return out if encoder_hidden_states is None else (out, context)
 
 
-class QuantFluxAttnProcessor(_Processor):
+class QuantFluxAttnProcessor(QuantProcessor):
     """Replaces ``FluxAttnProcessor``: joint attention over [text, image] tokens (double blocks:
     text through ``add_*_proj``; single blocks: one stream already concatenated), RMS-normed q/k,
     rotary embeddings on q and k, ``attention_mask`` passed to the attention as is."""
@@ -226,7 +226,7 @@ class QuantFluxAttnProcessor(_Processor):
 
 
 #: class name of a diffusers processor -> the class that replaces it (our own map to themselves)
-REPLACEMENTS: dict[str, type[_Processor]] = {
+REPLACEMENTS: dict[str, type[QuantProcessor]] = {
     "AttnProcessor2_0": QuantAttnProcessor,
     "AttnProcessor": QuantAttnProcessor,
     "JointAttnProcessor2_0": QuantJointAttnProcessor,
@@ -235,7 +235,7 @@ REPLACEMENTS: dict[str, type[_Processor]] = {
 }
 
 
-def replacement_for(processor) -> type[_Processor] | None:
+def replacement_for(processor) -> type[QuantProcessor] | None:
     """The quantized processor class for ``processor``, or None when diffq does not cover it
     (IP-adapter, fused-projection, custom processors)."""
     return REPLACEMENTS.get(type(processor).__name__)

@@ -19,12 +19,12 @@ from diffq.calibration.container import CalibrationStats
 from diffq.calibration.operands import attention_operands as find_attention_operands
 from diffq.calibration.reservoir import InputReservoir
 from diffq.calibration.stats import LayerStats
+from diffq.calibration.steps import StepMap
 from diffq.errors import CalibrationError
 from diffq.fingerprint import weights_fingerprint
 from diffq.generation import generate
 from diffq.io import remove_stale_temps
 from diffq.modules.layers import quantizable_layers, structure_fingerprint
-from diffq.modules.timestep import TimestepTracker, register_timestep_hook
 from diffq.pipelines.adapters import adapter_for
 from diffq.progress import progress_enabled
 
@@ -61,10 +61,16 @@ def calibrate(
     checkpoint: str | Path | None = None,
     reservoir: int = 0,
     attention_operands: bool = False,
+    pipeline_kwargs: dict | None = None,
 ) -> CalibrationStats:
     """Collect per-timestep input statistics of every quantizable layer of ``pipe``'s denoiser.
 
     prompts: calibration prompts (class names or ids for class-conditional pipelines).
+    A *step* is one distinct timestep of the scheduler's schedule, and every denoiser call is
+        attributed to the step of its timestep (:mod:`diffq.calibration.steps`): correct for
+        schedulers that call the denoiser twice per step (Heun, DPM2) and for two-call CFG. So
+        ``stats.num_steps`` is the number of distinct timesteps (Heun: num_inference_steps; DPM2:
+        2·num_inference_steps - 1), and ``stats.step_buckets`` their timesteps on the 0..1000 scale.
     record_steps: record only this many steps, uniformly spread (None = all steps).
     Image i of prompt p uses seed ``seed + p * images_per_prompt + i``, so runs are deterministic.
     checkpoint: a .safetensors path; the statistics are saved there (atomically) after every batch
@@ -77,6 +83,8 @@ def calibrate(
         and the relative L2 error of each attention module's output under every quantized attention
         format, with and without K smoothing, into ``stats.attention_error`` (per step; the pipeline
         itself runs in full precision: :func:`diffq.attention.probe_attention`).
+    pipeline_kwargs: more ``pipe(...)`` arguments for every batch, e.g. FLUX's true CFG
+        ``{"true_cfg_scale": 4.0, "negative_prompt": "blurry"}`` (two denoiser calls per step).
     Raises CalibrationError on an empty prompt list or a NaN/Inf input (naming layer and step).
     """
     prompts = list(prompts)
@@ -89,22 +97,18 @@ def calibrate(
             raise CalibrationError(f"{label}={v!r} must be an integer >= 1")
     if isinstance(reservoir, bool) or not isinstance(reservoir, int) or reservoir < 0:
         raise CalibrationError(f"reservoir={reservoir!r} must be an integer >= 0 (rows kept per layer and step)")
+    uniform_steps(num_inference_steps, record_steps)  # a bad record_steps fails before any work
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
     layers = quantizable_layers(denoiser)
-    tracker = TimestepTracker()  # this run's own: removed with the other hooks at the end
-    recorded = set(uniform_steps(num_inference_steps, record_steps))
-    stats: dict[str, LayerStats] = {}
-    step_buckets = [-1] * num_inference_steps
     all_prompts = [p for p in prompts for _ in range(images_per_prompt)]
     # the base weights are part of the identity: stats of another fine-tune must never be mixed in
+    extra_id = [sorted(pipeline_kwargs.items())] if pipeline_kwargs else []  # older run ids stay valid
     run_id = _run_id(all_prompts, num_inference_steps, guidance_scale, seed, batch_size, record_steps, height,
-                     width, weights_fingerprint(denoiser), reservoir, attention_operands)
+                     width, weights_fingerprint(denoiser), reservoir, attention_operands, *extra_id)
     operand_mods = find_attention_operands(denoiser) if attention_operands else {}
-    operand_stats: dict[str, LayerStats] = {}
     probe_formats = default_probe_formats() if attention_operands else {}
-    attn_error: dict[str, torch.Tensor] = {}
-    reservoirs: dict[str, InputReservoir] = {}
+    run = _Run(record_steps)
     sampler = torch.Generator().manual_seed(seed)
     done = 0
     if checkpoint is not None:
@@ -117,109 +121,106 @@ def calibrate(
                 f"checkpoint {str(checkpoint)!r} belongs to a different calibration run (other model, prompts or "
                 f"settings); pass another checkpoint path, or delete the file to start this run from scratch"
             )
-        stats, step_buckets, done = prev.layers, prev.step_buckets, int(prev.meta.get("done", 0))
-        reservoirs = prev.reservoirs
-        operand_stats = prev.operands
-        attn_error = prev.attention_error
+        run.resume(prev)
+        done = int(prev.meta.get("done", 0))
         if "sampler_state" in prev.meta:  # continue the same random stream as an uninterrupted run
             sampler.set_state(torch.tensor(prev.meta["sampler_state"], dtype=torch.uint8))
-    state = {"calls_at_start": 0}
 
-    def recorded_step() -> int | None:
-        """Step index of the denoiser call in progress, or None when this step is not recorded."""
-        step = tracker.calls - 1 - state["calls_at_start"]
-        return step if 0 <= step < num_inference_steps and step in recorded else None
+    def on_denoiser_call(module, args, kwargs):
+        """Which step this call is (by its timestep: :mod:`diffq.calibration.steps`); runs before the layers."""
+        t = adapter.timestep_of(args, kwargs)
+        run.enter(None if t is None else float(t), pipe.scheduler)
 
-    def record(table: dict[str, LayerStats], name: str, step: int, rows: torch.Tensor, what: str) -> None:
-        """Fold ``rows`` [R, C] into ``table[name]`` at ``step``, refusing NaN/Inf where it starts."""
+    def record(table: dict[str, LayerStats], name: str, rows: torch.Tensor, what: str) -> None:
+        """Fold ``rows`` [R, C] into ``table[name]`` at the current step, refusing NaN/Inf where it starts."""
         if not torch.isfinite(rows).all():
             raise CalibrationError(
-                f"NaN/Inf in the {what} {name!r} at step {step} (timestep bucket {tracker.bucket}); "
+                f"NaN/Inf in the {what} {name!r} at step {run.step} (timestep bucket {run.bucket}); "
                 f"the full-precision pipeline itself is producing non-finite values - check its dtype "
                 f"(fp16 overflow: use bf16/fp32) and inputs"
             )
         st = table.get(name)
         if st is None:
-            st = table[name] = LayerStats.empty(num_inference_steps, rows.shape[-1])
-        st.update(step, rows)
+            st = table[name] = LayerStats.empty(len(run.steps), rows.shape[-1])
+        st.update(run.step, rows)
 
-    def make_hook(name: str, module: nn.Module):
+    def make_hook(name: str):
         def hook(mod, args):
-            step = recorded_step()
-            if step is None:
+            if run.step is None:
                 return
             rows = _rows(mod, args[0])
-            record(stats, name, step, rows, "input of layer")
+            record(run.stats, name, rows, "input of layer")
             if reservoir:
-                res = reservoirs.get(name)
+                res = run.reservoirs.get(name)
                 if res is None:
-                    res = reservoirs[name] = InputReservoir.empty(num_inference_steps, reservoir, rows.shape[-1])
-                res.update(step, rows, sampler)
-            step_buckets[step] = tracker.bucket
+                    res = run.reservoirs[name] = InputReservoir.empty(len(run.steps), reservoir, rows.shape[-1])
+                res.update(run.step, rows, sampler)
 
         return hook
 
     def make_operand_hook(name: str):
         def hook(mod, args, output):
-            step = recorded_step()
-            if step is not None and torch.is_tensor(output):
-                record(operand_stats, name, step, output.reshape(-1, output.shape[-1]), "attention operand")
+            if run.step is not None and torch.is_tensor(output):
+                record(run.operands, name, output.reshape(-1, output.shape[-1]), "attention operand")
 
         return hook
 
     def record_attention_error(name: str, label: str, err_sq: torch.Tensor, ref_sq: torch.Tensor) -> None:
-        step = recorded_step()
-        if step is None:
+        if run.step is None:
             return
-        sums = attn_error.get(name)
+        sums = run.attention_error.get(name)
         if sums is None:
-            sums = attn_error[name] = torch.zeros(num_inference_steps, len(probe_formats), 2, dtype=torch.float64)
+            sums = run.attention_error[name] = torch.zeros(len(run.steps), len(probe_formats), 2, dtype=torch.float64)
         j = list(probe_formats).index(label)
-        sums[step, j, 0] += float(err_sq)
-        sums[step, j, 1] += float(ref_sq)
+        sums[run.step, j, 0] += float(err_sq)
+        sums[run.step, j, 1] += float(ref_sq)
 
-    handles = [register_timestep_hook(denoiser, adapter.timestep_of, lambda _m: tracker)]
-    handles += [m.register_forward_pre_hook(make_hook(n, m)) for n, m in layers.items()]
+    handles = [denoiser.register_forward_pre_hook(on_denoiser_call, with_kwargs=True)]
+    handles += [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
     handles += [m.register_forward_hook(make_operand_hook(n)) for n, m in operand_mods.items()]
     seeds = [seed + i for i in range(len(all_prompts))]
     bar = tqdm(total=len(all_prompts), initial=done, desc="calibrate", disable=not progress_enabled(progress))
 
     def snapshot(n_done: int) -> CalibrationStats:
-        missing = [n for n in layers if n not in stats]
+        if run.steps is None:
+            raise CalibrationError("the pipeline never called its denoiser with a timestep; nothing was calibrated")
+        missing = [n for n in layers if n not in run.stats]
         return CalibrationStats(
             family=adapter.name,
             structure=structure_fingerprint(denoiser),
-            num_steps=num_inference_steps,
-            step_buckets=list(step_buckets),
-            layers=stats,
-            splits={k: v for k, v in adapter.skip_splits(denoiser).items() if k in stats},
+            num_steps=len(run.steps),
+            step_buckets=list(run.step_buckets),
+            layers=run.stats,
+            splits={k: v for k, v in adapter.skip_splits(denoiser).items() if k in run.stats},
             meta={
                 "prompts": len(prompts),
                 "images_per_prompt": images_per_prompt,
                 "seed": seed,
                 "guidance_scale": guidance_scale,
-                "record_steps": sorted(recorded),
+                "num_inference_steps": num_inference_steps,
+                "step_timesteps": list(run.steps.timesteps),
+                "record_steps": sorted(run.recorded),
                 "unobserved_layers": missing,
                 "run_id": run_id,
                 "done": n_done,
                 **({"sampler_state": sampler.get_state().tolist()} if reservoir else {}),
             },
-            reservoirs=reservoirs,
-            operands=operand_stats,
-            attention_error=attn_error,
+            reservoirs=run.reservoirs,
+            operands=run.operands,
+            attention_error=run.attention_error,
             attention_formats=list(probe_formats),
         )
 
     probes = probe_attention(denoiser, probe_formats, record_attention_error) if probe_formats else nullcontext()
     try:
         with probes:
-            # one pipeline call per batch; step index = denoiser calls since the batch started
+            # one pipeline call per batch; each denoiser call is mapped to its step by its timestep
             for i in range(done, len(all_prompts), batch_size):
-                state["calls_at_start"] = tracker.calls
+                run.new_batch()
                 generate(
                     pipe, all_prompts[i : i + batch_size], seeds[i : i + batch_size],
                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                    height=height, width=width, batch_size=batch_size,
+                    height=height, width=width, batch_size=batch_size, extra_kwargs=pipeline_kwargs,
                 )
                 bar.update(len(all_prompts[i : i + batch_size]))
                 if checkpoint is not None:
@@ -232,6 +233,63 @@ def calibrate(
     if len(result.meta["unobserved_layers"]) == len(layers):
         raise CalibrationError("no layer saw any input during calibration; is this the pipeline's denoiser?")
     return result
+
+
+class _Run:
+    """The state of one calibration run: its steps (from the first batch's schedule), the statistics
+    so far, and the step of the denoiser call in progress (``step`` None: not recorded)."""
+
+    def __init__(self, record_steps: int | None) -> None:
+        self.record_steps = record_steps
+        self.steps: StepMap | None = None
+        self.recorded: set[int] = set()
+        self.step_buckets: list[int] = []
+        self.stats: dict[str, LayerStats] = {}
+        self.reservoirs: dict[str, InputReservoir] = {}
+        self.operands: dict[str, LayerStats] = {}
+        self.attention_error: dict[str, torch.Tensor] = {}  # [steps, formats, (err², ref²)] per module
+        self.step: int | None = None
+        self.bucket = -1
+        self._check_schedule = True
+
+    def resume(self, prev: CalibrationStats) -> None:
+        self.stats, self.reservoirs, self.operands = prev.layers, prev.reservoirs, prev.operands
+        self.attention_error = prev.attention_error
+        self.step_buckets = list(prev.step_buckets)
+        if "step_timesteps" in prev.meta:
+            self._set_steps(StepMap(tuple(prev.meta["step_timesteps"])))
+
+    def new_batch(self) -> None:
+        self._check_schedule = True  # each pipeline call sets its scheduler's timesteps anew
+
+    def _set_steps(self, steps: StepMap) -> None:
+        self.steps = steps
+        self.recorded = set(uniform_steps(len(steps), self.record_steps))
+        if len(self.step_buckets) != len(steps):
+            self.step_buckets = [-1] * len(steps)
+
+    def enter(self, t: float | None, scheduler) -> None:
+        """A denoiser call at timestep ``t`` (0..1000 scale) begins."""
+        if t is None:
+            self.step = None
+            return
+        if self._check_schedule:
+            steps = StepMap.from_scheduler(scheduler)
+            if self.steps is None:
+                self._set_steps(steps)
+            elif len(steps) != len(self.steps) or any(
+                abs(a - b) > 0.5 + 0.005 * abs(a) for a, b in zip(self.steps.timesteps, steps.timesteps)
+            ):
+                raise CalibrationError(
+                    f"the scheduler's timesteps changed between calibration batches ({len(self.steps)} -> "
+                    f"{len(steps)} steps); calibrate with one resolution and one scheduler setting per run"
+                )
+            self._check_schedule = False
+        step = self.steps.step_of(t)
+        self.bucket = self.steps.buckets()[step]
+        self.step = step if step in self.recorded else None
+        if self.step is not None:
+            self.step_buckets[step] = self.bucket
 
 
 def _run_id(*parts) -> str:

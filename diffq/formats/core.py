@@ -14,6 +14,7 @@ fp16's normal range ``[2^-14, 65504]``, E4M3 block scales to ``[2^-9, 448]``, E8
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,15 @@ def _ungroup(xg: torch.Tensor, r: int, c: int) -> torch.Tensor:
     return xg.reshape(r, c)
 
 
+#: environment switch for the (costly, host-syncing) NaN/Inf checks on activations
+FINITE_CHECK_ENV = "DIFFQ_CHECK_FINITE"
+
+
+def finite_check_requested() -> bool:
+    """Whether ``DIFFQ_CHECK_FINITE`` asks for NaN/Inf checks on the activation path."""
+    return os.environ.get(FINITE_CHECK_ENV, "") not in ("", "0")
+
+
 def _check_finite(x: torch.Tensor) -> None:
     if x.numel() and not torch.isfinite(x).all():
         n_nan = int(torch.isnan(x).sum())
@@ -124,15 +134,21 @@ def quantize(
     *,
     amax: torch.Tensor | float | None = None,
     clip_ratio: torch.Tensor | float | None = None,
+    check_finite: bool = True,
 ) -> QTensor:
     """Quantize ``x`` (any float dtype, any shape viewed as rows ``[R, C]``).
 
     amax: override the range (static activation scales from calibration; broadcastable to the
         scale shape ``[R or 1, groups or 1]``). For unsigned formats it is used as ``[-amax, amax]``.
     clip_ratio: multiply the observed range (MSE/percentile clipping picks it), broadcastable likewise.
-    Raises QuantizationError on NaN/Inf. Zero-size input gives zero-size codes and scales.
+    check_finite: raise QuantizationError on NaN/Inf (default; weights always are checked). The
+        activation path passes False unless ``DIFFQ_CHECK_FINITE`` is set: the check is a
+        reduction plus a device-to-host sync and a data-dependent branch, which would break
+        ``torch.compile`` graphs and stall the GPU once per layer per step.
+    Zero-size input gives zero-size codes and scales.
     """
-    _check_finite(x)
+    if check_finite:
+        _check_finite(x)
     x2 = _as_rows(x.detach().float(), spec)
     r, c = x2.shape
     xg = _grouped(x2, spec)
@@ -242,15 +258,19 @@ def dequantize(q: QTensor, *, dtype: torch.dtype = torch.float32) -> torch.Tenso
     return dequantize_parts(q.codes, q.scale, q.spec, q.zero, dtype=dtype).reshape(q.shape)
 
 
+def _fake_quantize(x, spec, amax, clip_ratio, check_finite) -> torch.Tensor:
+    q = quantize(x, spec, amax=amax, clip_ratio=clip_ratio, check_finite=check_finite)
+    return dequantize(q, dtype=x.dtype)
+
+
 class _FakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, spec, amax, clip_ratio):
-        q = quantize(x, spec, amax=amax, clip_ratio=clip_ratio)
-        return dequantize(q, dtype=x.dtype)
+    def forward(ctx, x, spec, amax, clip_ratio, check_finite):
+        return _fake_quantize(x, spec, amax, clip_ratio, check_finite)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def fake_quantize(
@@ -259,6 +279,10 @@ def fake_quantize(
     *,
     amax: torch.Tensor | float | None = None,
     clip_ratio: torch.Tensor | float | None = None,
+    check_finite: bool = True,
 ) -> torch.Tensor:
-    """Quantize then dequantize, same shape and dtype; the gradient passes straight through."""
-    return _FakeQuant.apply(x, spec, amax, clip_ratio)
+    """Quantize then dequantize, same shape and dtype; the gradient passes straight through
+    (inference without autograd skips the autograd.Function: the same math, plainer to trace)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FakeQuant.apply(x, spec, amax, clip_ratio, check_finite)
+    return _fake_quantize(x, spec, amax, clip_ratio, check_finite)

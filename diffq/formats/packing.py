@@ -28,7 +28,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
         raise FormatError(
             f"pack_int4 needs an even last dimension, got {tuple(codes.shape)}; pad the tensor or use 8-bit"
         )
-    if codes.numel():
+    if codes.numel() and not codes.is_meta:  # meta: shapes only (a model skeleton being built)
         lo, hi = int(codes.min()), int(codes.max())
         if lo < -8 or hi > 15 or (lo < 0 and hi > 7):
             raise FormatError(f"4-bit codes must lie in [-8, 7] or [0, 15], got range [{lo}, {hi}]")
@@ -74,7 +74,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
             f"{bits}-bit packing needs a last dimension divisible by {m}, got {tuple(codes.shape)}; "
             "pad the tensor or use 4 or 8 bits"
         )
-    if codes.numel():
+    if codes.numel() and not codes.is_meta:  # meta: shapes only (a model skeleton being built)
         lo, hi = int(codes.min()), int(codes.max())
         half = 1 << (bits - 1)
         if lo < -half or hi > 2 * half - 1 or (lo < 0 and hi > half - 1):

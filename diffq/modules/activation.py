@@ -4,6 +4,11 @@ timestep group (ranges from calibration, picked by a table lookup on the current
 Inputs are viewed channels-last: rows ``[M, C]`` with C the input channels (QuantConv2d permutes
 NCHW to NHWC before calling). ``splits`` quantizes channel segments separately (split shortcut:
 the concatenated main and skip inputs of UNet up-block resnets get their own scales).
+
+The forward is host-sync free and branch free on data: the timestep group is a tensor lookup
+(``bucket_to_group[tracker.bucket]``), and NaN/Inf inputs are only checked when
+``check_finite`` is set (from ``DIFFQ_CHECK_FINITE`` when the quantizer is built), so it traces
+under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import torch
 from torch import nn
 
 from diffq.formats import QuantSpec, fake_quantize
+from diffq.formats.core import finite_check_requested
 from diffq.modules.timestep import NUM_BUCKETS, TimestepTracker
 
 
@@ -20,6 +26,8 @@ class ActQuantizer(nn.Module):
 
     Static mode holds ``amax [G, S]`` (G timestep groups, S channel segments) and
     ``bucket_to_group [NUM_BUCKETS]`` (int16); dynamic mode holds no state.
+    check_finite: refuse NaN/Inf inputs (a reduction and a host sync per call); default: whether
+    ``DIFFQ_CHECK_FINITE`` is set.
     """
 
     def __init__(
@@ -29,9 +37,11 @@ class ActQuantizer(nn.Module):
         splits: tuple[int, ...] | None = None,
         amax: torch.Tensor | None = None,
         bucket_to_group: torch.Tensor | None = None,
+        check_finite: bool | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
+        self.check_finite = finite_check_requested() if check_finite is None else bool(check_finite)
         self.splits = tuple(splits) if splits else None
         self.tracker: TimestepTracker | None = None
         if amax is not None:
@@ -51,23 +61,28 @@ class ActQuantizer(nn.Module):
     def static(self) -> bool:
         return self.amax is not None
 
-    def current_group(self) -> int:
-        bucket = self.tracker.bucket if self.tracker is not None else 0
-        return int(self.bucket_to_group[bucket])
+    def current_group(self) -> torch.Tensor:
+        """[1] int64 tensor: the timestep group of the current step (a gather, no host sync; a 0-d
+        index would be read as a Python int)."""
+        if self.tracker is None:
+            return self.bucket_to_group[:1].long()
+        bucket = self.tracker.bucket.to(self.bucket_to_group.device).reshape(1)
+        return self.bucket_to_group[bucket].long()
 
     def current_amax(self) -> torch.Tensor | None:
         """[S] static ranges of the current timestep group (None when dynamic)."""
         if self.amax is None:
             return None
-        return self.amax[self.current_group()]
+        return self.amax[self.current_group()][0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         amax = self.current_amax()
+        check = self.check_finite
         if self.splits is None:
-            return fake_quantize(x, self.spec, amax=None if amax is None else amax[0])
+            return fake_quantize(x, self.spec, amax=None if amax is None else amax[0], check_finite=check)
         parts = torch.split(x, self.splits, dim=-1)
         out = [
-            fake_quantize(p.contiguous(), self.spec, amax=None if amax is None else amax[i])
+            fake_quantize(p.contiguous(), self.spec, amax=None if amax is None else amax[i], check_finite=check)
             for i, p in enumerate(parts)
         ]
         return torch.cat(out, dim=-1)

@@ -10,6 +10,13 @@ NHWC im2col order) so that groups run along input channels.
 
 ``forward`` calls :func:`diffq.kernels` when its formats match a kernel and that package is
 available, else the torch reference path (dequantize, then dense op). Both compute the same math.
+It has no host syncs and no branch on tensor values, so it traces under
+``torch.compile(fullgraph=True)``.
+
+``state_dict()`` also lists ``<layer>.weight`` as a shape-only *meta* tensor (``[N, K]`` or
+``[N, Cin, kh, kw]``, no data): diffusers' LoRA loaders look layers up by that key (FLUX's
+``load_lora_weights`` reads ``state_dict()[name + ".weight"].shape``). ``load_state_dict`` drops
+that placeholder again; diffq's own save paths never write it.
 """
 
 from __future__ import annotations
@@ -40,6 +47,23 @@ def _fused_kernel(module: nn.Module, x: torch.Tensor):
     return module_kernel(module, x)
 
 
+def _weight_placeholder(module, state_dict, prefix, local_metadata) -> None:
+    """State-dict post hook: a meta ``weight`` of the dense layer's shape (see the module docstring)."""
+    state_dict[prefix + "weight"] = torch.empty(module.dense_shape, dtype=module.compute_dtype, device="meta")
+
+
+def _drop_weight_placeholder(module, state_dict, prefix, *args) -> None:
+    """Load pre hook: forget the placeholder; a real ``weight`` stays and is refused as unexpected."""
+    w = state_dict.get(prefix + "weight")
+    if isinstance(w, torch.Tensor) and w.is_meta:
+        del state_dict[prefix + "weight"]
+
+
+def is_weight_placeholder(name: str, t: torch.Tensor) -> bool:
+    """Whether a state-dict entry is the shape-only ``weight`` of a quantized layer."""
+    return name.rpartition(".")[2] == "weight" and t.is_meta
+
+
 class _QuantBase(nn.Module):
     in_features: int
     out_features: int
@@ -61,6 +85,8 @@ class _QuantBase(nn.Module):
         self.register_buffer("smooth", None if smooth is None else smooth.detach().float().contiguous())
         self.act = act
         self.compute_dtype = dtype
+        self.register_state_dict_post_hook(_weight_placeholder)
+        self.register_load_state_dict_pre_hook(_drop_weight_placeholder)
 
     @property
     def rank(self) -> int:
@@ -76,6 +102,11 @@ class _QuantBase(nn.Module):
         return (n + (self.out_features if self.bias is not None else 0)) * torch.empty(0, dtype=dtype).element_size()
 
     kernel_numel = 1
+
+    @property
+    def dense_shape(self) -> tuple[int, ...]:
+        """Shape of the dense weight this layer replaced."""
+        return (self.out_features, self.in_features)
 
     def set_lowrank(self, lr_down: torch.Tensor | None, lr_up: torch.Tensor | None) -> None:
         """Replace the 16-bit branch (used by LoRA fusion); shapes [K', r] and [r, N]."""
@@ -183,6 +214,10 @@ class QuantConv2d(_QuantBase):
             h = self._conv(x_s, down, None)
             y = y + torch.einsum("brhw,rn->bnhw", h, self.lr_up.to(x.dtype))
         return y
+
+    @property
+    def dense_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
 
     @property
     def weight(self) -> torch.Tensor:

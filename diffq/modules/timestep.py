@@ -4,7 +4,13 @@ A forward pre-hook on the denoiser turns the pipeline's timestep argument into a
 *bucket* in ``[0, NUM_BUCKETS)`` (timesteps normalised to the 0..1000 scale of DDPM-style
 schedulers; flow-matching sigmas are scaled by 1000 by the family adapter). Each activation
 quantizer maps bucket -> timestep group with a precomputed table, so the per-step cost is one
-integer lookup, and any number of inference steps works with scales calibrated at other steps.
+table lookup, and any number of inference steps works with scales calibrated at other steps.
+
+The bucket is a 0-d int64 *tensor* computed with tensor ops on the timestep's own device: no
+``float(t)``/``int(t)`` (a device-to-host sync per call on a GPU, a graph break under
+``torch.compile``), no Python branch on its value. ``calls`` counts eager calls only (it is a
+debugging aid for :mod:`diffq.numerics`); compiled calls leave it alone so that no Python int
+is guarded on and re-specialised every step.
 """
 
 from __future__ import annotations
@@ -17,18 +23,29 @@ from torch import nn
 NUM_BUCKETS = 1001
 
 
+def timestep_bucket(t: float | torch.Tensor) -> torch.Tensor:
+    """Timestep (0..1000 scale; a number, a 0-d tensor or a per-sample ``[B]`` tensor whose first
+    entry is used) -> 0-d int64 bucket in ``[0, NUM_BUCKETS)``, on the timestep's device."""
+    if isinstance(t, torch.Tensor):
+        t = t.reshape(-1)[:1].reshape(()) if t.numel() else t.new_zeros(())
+        return t.float().round().clamp(0, NUM_BUCKETS - 1).long()
+    return torch.tensor(int(min(max(round(float(t)), 0), NUM_BUCKETS - 1)), dtype=torch.long)
+
+
 class TimestepTracker:
-    """Holds the current timestep bucket of one denoiser (plain Python state, not a module)."""
+    """The current timestep bucket of one denoiser (plain Python state, not a module).
+
+    bucket: 0-d int64 tensor, set by the denoiser's pre-hook; calls: eager denoiser calls seen.
+    """
 
     def __init__(self) -> None:
-        self.bucket: int = 0
+        self.bucket: torch.Tensor = torch.zeros((), dtype=torch.long)
         self.calls: int = 0
 
     def set_timestep(self, t: float | torch.Tensor) -> None:
-        if isinstance(t, torch.Tensor):
-            t = float(t.reshape(-1)[0]) if t.numel() else 0.0
-        self.bucket = int(min(max(round(float(t)), 0), NUM_BUCKETS - 1))
-        self.calls += 1
+        self.bucket = timestep_bucket(t)
+        if not torch.compiler.is_compiling():
+            self.calls += 1
 
 
 TimestepGetter = Callable[[tuple, dict], "float | torch.Tensor | None"]

@@ -21,12 +21,14 @@ from diffq.calibration import CalibrationStats, calibrate
 from diffq.errors import CalibrationError, RecipeError
 from diffq.fingerprint import weights_fingerprint
 from diffq.kernels.layer_dispatch import kernel_route
+from diffq.lora import enable_peft_layers, peft_adapter_layers
 from diffq.modules import structure_fingerprint
 from diffq.numerics import maybe_check_finite
 from diffq.pipelines.adapters import adapter_for
 from diffq.progress import progress_enabled
 from diffq.quantization.attention import apply_attention
 from diffq.quantization.build import install_layers
+from diffq.quantization.diffusers_backend import mark_quantized
 from diffq.quantization.presets import PRESETS, resolve_recipe
 from diffq.quantization.recipe import Recipe
 from diffq.quantization.selection import LayerChoice, choose_layers
@@ -124,6 +126,7 @@ def quantize(
     existing = quant_state(denoiser)
     if existing is not None:
         raise RecipeError(f"this pipeline is already quantized with {existing.recipe.name!r}; load a fresh pipeline")
+    _refuse_loaded_lora(pipe, recipe)
     layer_plan = plan_assignments(recipe, plan)
     if calibration is None and _needs_calibration(recipe, layer_plan):
         if not prompts:
@@ -154,12 +157,30 @@ def quantize(
         quantize_text_encoders(pipe, recipe)
     attention = apply_attention(denoiser, recipe, calibration)
     attach_state(denoiser, state, adapter.timestep_of)
+    enable_peft_layers()  # pipe.load_lora_weights(...) now wraps the quantized layers (diffq.lora)
+    mark_quantized(adapter.scopes(pipe), state)  # save_pretrained/from_pretrained round-trip (diffusers backend)
     state.summary = QuantSummary(
         recipe.name, adapter.name, _summaries(choices, built, before), bytes_before,
         module_bytes(denoiser, float_bits=16), kernel_target=kernel_target()[1], attention=attention,
     )
     maybe_check_finite(pipe)  # DIFFQ_CHECK_FINITE=1: name the layer and step of the first NaN/Inf
     return state.summary
+
+
+def _refuse_loaded_lora(pipe, recipe: Recipe) -> None:
+    """A LoRA loaded with diffusers before quantizing would be quantized as layers of its own (and
+    ``fuse_lora`` afterwards would write into a temporary dequantized weight): refuse, naming the order
+    that works."""
+    adapter = adapter_for(pipe)
+    roots = adapter.scopes(pipe) if recipe.text_encoder else {"denoiser": adapter.denoiser(pipe)}
+    loaded = [f"{scope}/{n}" for scope, root in roots.items() for n in peft_adapter_layers(root)]
+    if loaded:
+        raise RecipeError(
+            f"this pipeline has LoRA adapters loaded ({len(loaded)} layers, e.g. {loaded[0]}); quantize first and "
+            f"load the LoRA after: diffq.quantize(pipe, ...) then pipe.load_lora_weights(...) (it runs on the "
+            f"16-bit branch, fuse_lora works). To bake a LoRA into the weights before quantizing instead: "
+            f"pipe.fuse_lora(); pipe.unload_lora_weights(); then diffq.quantize(pipe, ...)"
+        )
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ the same object. Named recipes live in :mod:`diffq.quantization.presets`.
 from __future__ import annotations
 
 import ast
+import difflib
 import json
 import math
 import re
@@ -255,13 +256,14 @@ class Recipe:
         for key, value in overrides.items():
             head, _, sub = key.partition(".")
             if head not in d:
-                raise RecipeError(f"unknown recipe field {head!r} in override {key!r}")
+                raise RecipeError(f"unknown recipe field {head!r} in override {key!r}{_did_you_mean(head, d)}; "
+                                  f"fields: {sorted(d)}")
             if sub:
                 if d[head] is None:
                     raise RecipeError(f"cannot set {key!r}: {head} is None in this recipe")
                 spec = dict(d[head])
                 if sub not in spec:
-                    raise RecipeError(f"unknown format field {sub!r}; fields: {sorted(spec)}")
+                    raise RecipeError(f"unknown format field {sub!r}{_did_you_mean(sub, spec)}; fields: {sorted(spec)}")
                 spec[sub] = value
                 if sub == "granularity" and value != "group":
                     spec["group_size"] = None
@@ -269,6 +271,11 @@ class Recipe:
             else:
                 d[head] = value
         return Recipe.from_dict(d)
+
+
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _spec_from_str(s: str) -> QuantSpec | None:

@@ -30,7 +30,10 @@ class QuantState:
     family: the family adapter's name. base_fingerprint: of the full-precision weights it came from.
     summary: per-layer formats and sizes (None after ``diffq.load`` of a checkpoint).
     tracker: the current timestep bucket, set by the denoiser's pre-hook (``hook`` is its handle).
-    lora_saved: layer -> what a LoRA replaced (:mod:`diffq.lora`), to restore it exactly.
+    lora_saved: ``scope/layer`` -> what a :func:`diffq.lora.load_lora` LoRA replaced, to restore it exactly;
+        lora_loaded: those LoRAs in load order (scale and tensors), which ``diffq.save`` records.
+    fused_qkv: attention modules whose q/k/v (and added q/k/v) were fused by ``fuse_qkv_projections``
+        into quantized ``to_qkv``/``to_kv``/``to_added_qkv`` layers (:mod:`diffq.quantization.fused_qkv`).
     finite_check: the installed NaN/Inf hooks (:mod:`diffq.numerics`), or None.
     """
 
@@ -42,6 +45,8 @@ class QuantState:
     tracker: TimestepTracker = field(default_factory=TimestepTracker)
     hook: Any = None
     lora_saved: dict[str, Any] = field(default_factory=dict)
+    lora_loaded: list[dict] = field(default_factory=list)
+    fused_qkv: list[str] = field(default_factory=list)
     finite_check: Any = None
 
 
