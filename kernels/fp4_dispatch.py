@@ -85,19 +85,22 @@ FP4_TILES: dict[str, list[Tile]] = {
     "ada": [Tile(64, 64, 64, 8, 4, 3), Tile(32, 64, 64, 4, 4, 3)],
     "ampere": [Tile(64, 128, 64, 8, 4, 3), Tile(32, 64, 64, 4, 4, 3)],
 }
+#: fp32 outputs where the 16-bit table's tiles spill in the epilogue (sm_100: a 128 x 256 fp32 tile)
+FP4_F32_TILES: dict[str, list[Tile]] = {"sm100": [Tile(128, 128, 256, 8, 8, 3), Tile(128, 64, 256, 8, 4, 3)]}
 #: compute capability each family's tiles are compiled and checked for by the gate
 FP4_FAMILY_CAP = {"sm100": 100, "sm120": 120, "hopper": 90, "ada": 89, "ampere": 80}
 
 
-def pick_fp4_tile(family: str, m: int, n: int) -> Tile:
-    """The first tile of ``family``'s table whose BLOCK_M / BLOCK_N fit M / N (powers of two up);
-    one rule evaluation per (family, M bucket, N), cached."""
-    return _pick(family, m_bucket(m), n)
+def pick_fp4_tile(family: str, m: int, n: int, f32: bool = False) -> Tile:
+    """The first tile of ``family``'s table (:data:`FP4_F32_TILES` for fp32 outputs where it has
+    one) whose BLOCK_M / BLOCK_N fit M / N (powers of two up); one rule evaluation per (family,
+    M bucket, N, f32), cached."""
+    return _pick(family, m_bucket(m), n, f32)
 
 
 @functools.lru_cache(maxsize=1024)
-def _pick(family: str, mb: int, n: int) -> Tile:
-    tiles = FP4_TILES[family]
+def _pick(family: str, mb: int, n: int, f32: bool) -> Tile:
+    tiles = FP4_F32_TILES.get(family, FP4_TILES[family]) if f32 else FP4_TILES[family]
     nb = triton.next_power_of_2(max(n, 16))
     for t in tiles:
         if t.block_m <= max(mb, 16) and t.block_n <= nb:

@@ -78,7 +78,7 @@ def gemm(plan, inputs: tuple, out_dtype: torch.dtype) -> torch.Tensor:
     if m == 0:
         return y
     nv = plan.fmt == "nvfp4"
-    tile = INTERPRETER_TILES[plan.fmt] if INTERP else pick_fp4_tile(plan.family, m, plan.n)
+    tile = INTERPRETER_TILES[plan.fmt] if INTERP else pick_fp4_tile(plan.family, m, plan.n, out_dtype == torch.float32)
     branch = down is not None and plan.lr_up is not None
     # fp32 low-rank on a GPU: added below in torch (exact fp32; see _fp4_gemm_kernel's LR_F32)
     has_lr = branch and (INTERP or plan.lr_up.dtype != torch.float32)
