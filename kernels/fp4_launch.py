@@ -1,4 +1,5 @@
-"""Kernel launches of the FP4 plans (:class:`diffq.kernels.fp4_dispatch.Fp4Plan`).
+"""Kernel launches of the FP4 plans (:class:`diffq.kernels.fp4_dispatch.Fp4Plan`; this module
+never imports fp4_dispatch: no cycle).
 
 Per call: allocate the outputs (and, for NVFP4, a zeroed int32 [1] for the abs-max), pick the
 tile (a rule on M and N), launch. No ``.item()``, no host synchronisation, no data-dependent
@@ -12,7 +13,7 @@ import triton
 
 from diffq.kernels import fp4_interp
 from diffq.kernels.autotune import is_interpreted
-from diffq.kernels.fp4_dispatch import FP4_FORMATS, INTERPRETER_TILES, pick_fp4_tile
+from diffq.kernels.fp4_config import FP4_FORMATS, INTERPRETER_TILES, pick_fp4_tile
 from diffq.kernels.fp4_gemm import CHUNK, _fp4_act_kernel, _fp4_amax_kernel, _fp4_gemm_kernel, act_config
 
 INTERP = is_interpreted(_fp4_gemm_kernel)
