@@ -22,19 +22,27 @@ def plan_sources(module: nn.Module) -> tuple:
     return (module.qweight, module.wscale, module.bias, module.smooth, module.lr_down, module.lr_up)
 
 
-def fp4_kind(module: nn.Module, fmt: str) -> str | None:
-    """``fmt`` when the activations are the same FP4 format, dynamic, and every block of the kernel
-    is a block of the module's reference (conv: blocks inside one kernel tap; split-shortcut
-    segments: MXFP4 only, in whole blocks; NVFP4 would need one tensor scale per segment)."""
+def unfused_reason(module: nn.Module, fmt: str) -> str | None:
+    """Why the FP4 kernel does not compute a module with ``fmt`` weights (None: it does). It does
+    when the activations are the same FP4 format, dynamic, and every block of the kernel is a block
+    of the module's reference (conv: blocks inside one kernel tap; split-shortcut segments: MXFP4
+    only, in whole blocks; NVFP4 would need one tensor scale per segment)."""
     act = module.act
     if act is None or act.static or fd.fp4_format(act.spec) != fmt:
-        return None
+        return f"{fmt} weights need dynamic {fmt} activations"
     block = fd.FP4_FORMATS[fmt][0]
-    if act.splits is not None and (fmt == "nvfp4" or any(s % block for s in act.splits)):
-        return None
+    if act.splits is not None and fmt == "nvfp4":
+        return "NVFP4 split-shortcut activations: one tensor scale per segment"
+    if act.splits is not None and any(s % block for s in act.splits):
+        return f"split-shortcut segments {act.splits} not whole {block}-blocks"
     if hasattr(module, "in_channels") and module.in_channels % block:
-        return None
-    return fmt
+        return f"conv input channels {module.in_channels} not a multiple of the {block}-block"
+    return None
+
+
+def fp4_kind(module: nn.Module, fmt: str) -> str | None:
+    """``fmt`` when the FP4 kernel computes the module's quantization (:func:`unfused_reason`)."""
+    return fmt if unfused_reason(module, fmt) is None else None
 
 
 def _plan(module: nn.Module, fmt: str, device: torch.device) -> fd.Fp4Plan:

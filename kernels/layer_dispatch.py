@@ -300,6 +300,9 @@ def kernel_route(module: nn.Module, capability: tuple[int, int] | None = None) -
     the capability: no weights are touched."""
     kind = kernel_kind(module)
     if kind is None:
+        wk = _weight_kind(module)
+        if wk in fd.FP4_FORMATS:
+            return f"reference ({fp4_layers.unfused_reason(module, wk)})"
         return "reference (no kernel computes this quantization)"
     if capability is None:
         capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)

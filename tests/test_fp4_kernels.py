@@ -218,6 +218,7 @@ def test_routes_by_capability():
     assert layer_dispatch.kernel_route(mx, (8, 0)) == "triton mxfp4 bf16-mma"
     # NVFP4 split-shortcut segments have a tensor scale each: not one GEMM epilogue factor
     assert layer_dispatch.kernel_kind(_module("nvfp4", splits=(32, 32))) is None
+    assert layer_dispatch.kernel_route(_module("nvfp4", splits=(32, 32)), (10, 0)).startswith("reference (NVFP4 split")
     assert layer_dispatch.kernel_kind(_module("mxfp4", splits=(48, 16))) is None  # a block would straddle
     assert layer_dispatch.kernel_kind(_module("mxfp4", splits=(32, 32))) == "mxfp4"
 
