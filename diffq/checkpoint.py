@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from diffq.attention.install import attention_modules, installed_formats
 from diffq.errors import CheckpointError, DiffqError
 from diffq.fingerprint import weights_fingerprint
 from diffq.formats import QTensor, QuantSpec, decode_scale, unpack_bits
@@ -29,6 +30,7 @@ from diffq.io import atomic_path, write_json_atomic
 from diffq.modules import ActQuantizer, QuantConv2d, QuantLinear, quantized_modules, set_submodule
 from diffq.numerics import maybe_check_finite
 from diffq.pipelines.adapters import adapter_for
+from diffq.quantization.attention import apply_attention
 from diffq.quantization.recipe import Recipe
 from diffq.quantization.state import QuantState, attach_state, quant_state, require_state
 
@@ -116,6 +118,9 @@ def save(pipe, directory: str | Path) -> Path:
         "tensors_sha256": _sha256(tpath),
         "tensors_bytes": tpath.stat().st_size,
         "layers": layers,
+        # quantized attention holds no tensors (its scales are dynamic): the recipe's attn fields
+        # rebuild it; this lists what they gave, for `diffq inspect`
+        "attention": installed_formats(denoiser),
     }
     manifest["manifest_sha256"] = manifest_digest(manifest)
     write_json_atomic(directory / MANIFEST_FILE, manifest)
@@ -244,6 +249,13 @@ def load(directory: str | Path, base_pipe):
         recipe = Recipe.from_dict(manifest["recipe"])
     except DiffqError as e:
         raise CheckpointError(f"the checkpoint's recipe is invalid ({e}); re-save it with this diffq") from e
+    attention = manifest.get("attention")
+    if attention is not None:
+        if not isinstance(attention, dict) or not all(isinstance(k, str) for k in attention):
+            raise CheckpointError("the checkpoint's 'attention' entry must map module names to formats; re-save it")
+        missing = sorted(set(attention) - set(attention_modules(denoiser)))
+        if missing:
+            raise CheckpointError(f"checkpoint quantizes attention modules {missing[:3]} that this pipeline lacks")
     # rebuild every layer before swapping any in: a damaged checkpoint never leaves the base pipeline
     # half-quantized (and looking intact)
     swaps = []
@@ -267,6 +279,7 @@ def load(directory: str | Path, base_pipe):
         if new.act is not None and scope == "denoiser":
             new.act.tracker = state.tracker
         set_submodule(root, name, new)
+    apply_attention(denoiser, recipe, names=None if attention is None else list(attention))
     attach_state(denoiser, state, adapter.timestep_of)
     maybe_check_finite(base_pipe)  # DIFFQ_CHECK_FINITE=1: name the layer and step of the first NaN/Inf
     return base_pipe

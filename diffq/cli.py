@@ -224,7 +224,10 @@ def cmd_inspect(args) -> int:
         lines.append(f"{key[:60]:60} {info['kind']:6} {w:22} {a:18} {rank:4d} {nbytes / 1024:9.1f}")
     lines.append(f"{len(rows)} quantized layers, {total / 2**20:.2f} MiB, recipe {m['recipe']['name']}, "
                  f"family {m['family']}")
-    _emit(args, "\n".join(lines), {"recipe": m["recipe"], "family": m["family"], "layers": rows, "bytes": total})
+    attention = m.get("attention") if isinstance(m.get("attention"), dict) else {}
+    lines += [f"attention {name[:50]:50} {fmt}" for name, fmt in attention.items()]
+    _emit(args, "\n".join(lines), {"recipe": m["recipe"], "family": m["family"], "layers": rows, "bytes": total,
+                                   "attention": attention})
     return 0
 
 

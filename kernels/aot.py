@@ -149,6 +149,7 @@ class Report:
     stack: int | None = None
     shared: int | None = None
     mma: str = ""  # SASS MMA instruction, e.g. "IGMMA.64x128x32.S8.S8" ("" when none)
+    mma_kinds: dict[str, int] = field(default_factory=dict)  # MMA opcode -> SASS count, e.g. {"IGMMA": 8, "QGMMA": 4}
     mma_unit: str = ""  # "wgmma" | "mma.sync" | "tcgen05" | ""
     wgmma_a_regs: bool | None = None  # wgmma A operand from registers (else shared memory)
     wgmma_async: bool | None = None  # None when the kernel has no wgmma
@@ -372,6 +373,7 @@ def _analyse(rep: Report, build: Build, cap: int, sass: str, ttgir: str, ptx: st
     if mmas:
         rep.mma = collections.Counter(x.split()[0] for x in mmas).most_common(1)[0][0]
         rep.mma_unit = mma_macs(rep.mma, build.tile_mn or 1)[1]
+        rep.mma_kinds = dict(sorted(collections.Counter(opcode(x) for x in mmas).items()))
     if rep.mma_unit == "wgmma" or "warp_group_dot" in ttgir:
         pend = [int(p) for p in re.findall(r"warp_group_dot_wait[^\n]*pendings = (\d+)", ttgir)]
         rep.wgmma_async = any(p > 0 for p in pend)
@@ -618,6 +620,48 @@ def fp4_gate_jobs() -> list[tuple[Build, int]]:
     return jobs
 
 
+#: quantized-attention variants (``kernels/attention.py``): name -> (PV format, QK bits, token block,
+#: head dim, input dtype, attention mask, per-head QK scales)
+ATTENTION_VARIANTS: dict[str, tuple[str, int, int, int, str, bool, bool]] = {
+    "int8-fp8_d128_b64_bf16": ("fp8", 8, 64, 128, "bf16", False, False),  # FLUX / SD3 (head dim 128)
+    "int8-fp8_d64_b64_fp16": ("fp8", 8, 64, 64, "fp16", False, False),  # SD1.5-like heads
+    "int8-fp8_d128_b128_bf16": ("fp8", 8, 128, 128, "bf16", False, False),
+    "int8-fp8_d128_b64_mask": ("fp8", 8, 64, 128, "bf16", True, False),  # PixArt cross-attention mask
+    "int8-int8_d128_b64_bf16": ("int8", 8, 64, 128, "bf16", False, False),  # the sm_80-native variant
+    "int4-fp8_d128_b64_bf16": ("fp8", 4, 64, 128, "bf16", False, False),
+    "int8-fp16_d128_b64_bf16": ("fp16", 8, 64, 128, "bf16", False, False),  # SageAttention1-style
+    "int8-fp8_d128_head_bf16": ("fp8", 8, 64, 128, "bf16", False, True),
+}
+#: the attention variants the compile gate builds (the two the dispatcher uses most)
+GATED_ATTENTION = ("int8-fp8_d128_b64_bf16", "int8-int8_d128_b64_bf16")
+
+
+def build_attention(variant: str, cap: int, num_warps: int | None = None) -> Build:
+    """The fused quantized flash-attention kernel as a launch of ``variant`` on ``sm_<cap>`` compiles it.
+
+    Pointers, the head dim and the q/k/v/o strides (multiples of the head dim) are hinted 16-divisible,
+    as Triton's launcher specialises them; the mask's strides (odd token counts) are not."""
+    from diffq.kernels.attention import PV_MODES, _quant_attn_kernel, head_pad, launch_warps
+
+    pv, bits, block, d, dtype, has_mask, per_head = ATTENTION_VARIANTS[variant]
+    consts = {"QMAX": float(2 ** (bits - 1) - 1), "PV_MODE": PV_MODES[pv], "SMOOTH_K": True, "PER_HEAD": per_head,
+              "HAS_MASK": has_mask, "FP8_MMA": cap >= 89, "BLOCK": block, "D_PAD": head_pad(d)}
+    types = {}
+    for n in _quant_attn_kernel.arg_names:
+        if n in consts:
+            continue
+        if n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr"):
+            types[n] = f"*{dtype}"
+        elif n.endswith("_ptr"):
+            types[n] = "*fp32"
+        else:
+            types[n] = "fp32" if n == "qk_scale" else "i32"
+    div16 = [n for n in _quant_attn_kernel.arg_names
+             if n.endswith("_ptr") or n == "D" or (n.startswith("stride_") and not n.startswith("stride_m"))]
+    return Build(f"attn_{variant}", "_quant_attn_kernel", _quant_attn_kernel, types, consts,
+                 num_warps or launch_warps(block), 2, div16=div16)
+
+
 def gate_jobs() -> list[tuple[Build, int]]:
     """Every (build, capability) the compile gate checks: each GEMM kind x every tile its tables
     can pick x each family's target (sm_90 hopper, sm_89 ada, sm_80 ampere; FP4: also sm_100 and
@@ -625,7 +669,7 @@ def gate_jobs() -> list[tuple[Build, int]]:
     :data:`diffq.kernels.dispatch.MIN_CAPABILITY` allows them), the other constexpr variants the
     dispatcher launches (fp16/fp32 activations, bias, ragged K, G = 128, fp32 low-rank, K splits,
     the int8 W4A4 route on sm_90), and the activation kernels at the launch configurations of
-    FLUX / SDXL widths."""
+    FLUX / SDXL widths, and the quantized attention kernel (:data:`GATED_ATTENTION`)."""
     from diffq.kernels import autotune as at
     from diffq.kernels.dispatch import MIN_CAPABILITY
 
@@ -667,6 +711,7 @@ def gate_jobs() -> list[tuple[Build, int]]:
             jobs.append((build_act_groups(cap, out), cap))
         jobs.append((build_act_groups(cap, 1, lr=False, static=True, pad=True), cap))
         jobs.append((build_act_groups(cap, 0, dtype="fp32", lr_f32=True, m=16), cap))
+        jobs += [(build_attention(v, cap), cap) for v in GATED_ATTENTION]
     return jobs + fp4_gate_jobs()
 
 

@@ -170,13 +170,23 @@ def test_emulator_rejects_unknown_instructions():
 
 
 def _jit_kernels() -> set[str]:
+    """Every ``@triton.jit`` kernel (``_*_kernel``) defined in any module of diffq.kernels."""
     import importlib
+    import pkgutil
+
+    import diffq.kernels
 
     names = set()
-    for mod in ("activation_kernels", "row_scaled", "w4a16", "w4a8", "w4a4_lowrank", "fp4_gemm"):
-        m = importlib.import_module(f"diffq.kernels.{mod}")
-        names |= {n for n in dir(m) if n.startswith("_") and n.endswith("_kernel")}
+    for info in pkgutil.iter_modules(diffq.kernels.__path__):
+        m = importlib.import_module(f"diffq.kernels.{info.name}")
+        names |= {n for n, v in vars(m).items() if n.startswith("_") and n.endswith("_kernel")
+                  and hasattr(v, "arg_names") and getattr(getattr(v, "fn", v), "__module__", None) == m.__name__}
     return names
+
+
+def test_the_kernel_registry_sees_every_kernel_module():
+    found = _jit_kernels()
+    assert {"_w4a8_kernel", "_row_scaled_kernel", "_quant_attn_kernel", "_act_rows_kernel"} <= found, found
 
 
 def test_every_jit_kernel_is_in_the_gate():
@@ -186,7 +196,9 @@ def test_every_jit_kernel_is_in_the_gate():
 
 def test_fp8_builds_are_never_gated_below_sm89():
     for b, cap in aot.gate_jobs():
-        if cap < 89:
+        if cap < 89 and b.kernel == "_quant_attn_kernel":  # E4M3 P/V values, fed to the fp16 MMA there
+            assert b.constexprs["FP8_MMA"] is False, b.tag
+        elif cap < 89:
             assert "fp8" not in b.name, b.tag
             assert not b.constexprs.get("FP8"), b.tag
             assert b.constexprs.get("FP8_MMA") in (None, False), b.tag
@@ -381,3 +393,12 @@ def test_gate_activation_kernels_one_pass_up_to_16k(gate):
         k = int(re.search(r"K(\d+)", r["name"]).group(1))
         block_k = int(re.search(r"x(\d+)-", r["tile"]).group(1))
         assert (block_k >= k) == (k <= 16384), (r["name"], r["tile"])  # whole row in one tile: one pass
+
+
+def test_gate_attention_uses_int8_and_fp8_tensor_cores(gate):
+    """Q·Kᵀ on INT8 MMA; P·V on FP8 MMA where the GPU has it (sm_90: wgmma), fp16 MMA on sm_80."""
+    jobs, _ = gate
+    kinds = {(r["name"], r["cap"]): set(r["mma_kinds"]) for r in jobs if r["kernel"] == "_quant_attn_kernel"}
+    assert {"IGMMA", "QGMMA"} <= kinds["attn_int8-fp8_d128_b64_bf16", 90]
+    assert {"IMMA", "HMMA"} <= kinds["attn_int8-fp8_d128_b64_bf16", 80]
+    assert "IMMA" in kinds["attn_int8-int8_d128_b64_bf16", 80]

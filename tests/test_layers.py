@@ -2,7 +2,7 @@
 ones inside functions, which is where cycles used to hide).
 
     base (errors, io, sizes, progress, plotting, fingerprint, timing, family adapters and roles)
-      <- formats <- kernels <- modules (+ generation) <- calibration, methods
+      <- formats <- kernels <- modules (+ generation, attention) <- calibration, methods
       <- quantization, checkpoint, lora, numerics (+ the BitPlan format) <- mixed <- apps (cli, bench, demo, ...)
 
 A module may import its own layer or lower ones, never a higher one, and no two modules import each
@@ -32,6 +32,7 @@ LAYERS: dict[str, int | str] = {
     "diffq.formats": FORMATS,
     "diffq.kernels": KERNELS,
     "diffq.modules": MODULES, "diffq.generation": MODULES,
+    "diffq.attention": MODULES,  # quantized attention processors: a module-level swap like QuantLinear's
     "diffq.calibration": METHODS, "diffq.methods": METHODS,
     "diffq.quantization": QUANT, "diffq.checkpoint": QUANT, "diffq.lora": QUANT, "diffq.numerics": QUANT,
     "diffq.mixed.plan": QUANT,  # the mixed recipe's input format: read by quantize, written by allocate

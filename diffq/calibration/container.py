@@ -29,6 +29,10 @@ class CalibrationStats:
         for ``reservoir=N``; see :mod:`diffq.calibration.reservoir`).
     operands: ``"<attention>.q|k|v"`` -> statistics of attention's matmul operands (only with
         ``attention_operands=True``; see :mod:`diffq.calibration.operands`).
+    attention_error: attention module -> fp64 [T, F, 2]: per step and per format of
+        ``attention_formats`` (labels such as ``int8-fp8``, ``int8-fp8/no-smooth``), the summed
+        squared error of the quantized attention output and the summed squared full-precision output
+        (also only with ``attention_operands=True``; :meth:`attention_relative_error`).
     structure: fingerprint of the denoiser's quantizable layers (names and shapes), checked
         before the stats are used on a pipeline.
     """
@@ -42,6 +46,23 @@ class CalibrationStats:
     meta: dict = field(default_factory=dict)
     reservoirs: dict[str, InputReservoir] = field(default_factory=dict)
     operands: dict[str, LayerStats] = field(default_factory=dict)
+    attention_error: dict[str, torch.Tensor] = field(default_factory=dict)
+    attention_formats: list[str] = field(default_factory=list)
+
+    def attention_relative_error(self, name: str, label: str) -> torch.Tensor:
+        """[T] fp64 relative L2 error of module ``name``'s attention output under format ``label``
+        per step (NaN at steps that were not recorded)."""
+        sums = self.attention_error[name][:, self.attention_formats.index(label)]
+        return torch.where(sums[:, 1] > 0, (sums[:, 0] / sums[:, 1].clamp_min(1e-300)).sqrt(),
+                           torch.full_like(sums[:, 0], float("nan")))
+
+    def mean_attention_error(self, name: str, label: str) -> float | None:
+        """Mean over the recorded steps of :meth:`attention_relative_error` (None when not measured)."""
+        if name not in self.attention_error or label not in self.attention_formats:
+            return None
+        err = self.attention_relative_error(name, label)
+        err = err[~torch.isnan(err)]
+        return float(err.mean()) if err.numel() else None
 
     def observed_steps(self) -> list[int]:
         return [i for i, b in enumerate(self.step_buckets) if b >= 0]
@@ -55,6 +76,8 @@ class CalibrationStats:
             tensors.update(res.to_tensors(name))
         for name, st in self.operands.items():
             tensors.update(st.to_tensors(f"operand:{name}"))
+        for name, t in self.attention_error.items():
+            tensors[f"attn_error:{name}"] = t.contiguous()
         header = {
             "version": FORMAT_VERSION,
             "family": self.family,
@@ -66,6 +89,8 @@ class CalibrationStats:
             "meta": self.meta,
             "reservoirs": list(self.reservoirs),
             "operands": list(self.operands),
+            "attention_error": list(self.attention_error),
+            "attention_formats": list(self.attention_formats),
         }
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"diffq_calibration": json.dumps(header)})
@@ -92,11 +117,16 @@ class CalibrationStats:
             layers = {n: LayerStats.from_tensors(tensors, n) for n in header["layers"]}
             reservoirs = {n: InputReservoir.from_tensors(tensors, n) for n in header.get("reservoirs", [])}
             operands = {n: LayerStats.from_tensors(tensors, f"operand:{n}") for n in header.get("operands", [])}
+            attention_error = {n: tensors[f"attn_error:{n}"] for n in header.get("attention_error", [])}
         except KeyError as e:
             raise CheckpointError(f"calibration file {str(path)!r} misses tensor {e}; it is truncated") from e
         for n, st in layers.items():
             if st.hist.shape[-1] != HIST_BINS or st.absmax.shape[0] != header["num_steps"]:
                 raise CheckpointError(f"calibration file {str(path)!r}: layer {n} has inconsistent shapes")
+        formats = list(header.get("attention_formats", []))
+        for n, t in attention_error.items():
+            if tuple(t.shape) != (header["num_steps"], len(formats), 2):
+                raise CheckpointError(f"calibration file {str(path)!r}: attention errors of {n} have inconsistent shapes")
         return cls(
             family=header["family"],
             structure=header["structure"],
@@ -107,6 +137,8 @@ class CalibrationStats:
             meta=header.get("meta", {}),
             reservoirs=reservoirs,
             operands=operands,
+            attention_error=attention_error,
+            attention_formats=formats,
         )
 
     def check_matches(self, structure: str, family: str) -> None:

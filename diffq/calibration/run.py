@@ -7,12 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffq.attention.error import default_probe_formats, probe_attention
 from diffq.calibration.container import CalibrationStats
 from diffq.calibration.operands import attention_operands as find_attention_operands
 from diffq.calibration.reservoir import InputReservoir
@@ -71,7 +73,10 @@ def calibrate(
         sample (seeded by ``seed``; :mod:`diffq.calibration.reservoir`) for methods that need real
         activations; 0 (default) keeps statistics only.
     attention_operands: also record Q, K and V of every attention module (the operands of Q·Kᵀ and
-        P·V; :mod:`diffq.calibration.operands`) into ``stats.operands``, per step, like layer inputs.
+        P·V; :mod:`diffq.calibration.operands`) into ``stats.operands``, per step, like layer inputs,
+        and the relative L2 error of each attention module's output under every quantized attention
+        format, with and without K smoothing, into ``stats.attention_error`` (per step; the pipeline
+        itself runs in full precision: :func:`diffq.attention.probe_attention`).
     Raises CalibrationError on an empty prompt list or a NaN/Inf input (naming layer and step).
     """
     prompts = list(prompts)
@@ -97,6 +102,8 @@ def calibrate(
                      width, weights_fingerprint(denoiser), reservoir, attention_operands)
     operand_mods = find_attention_operands(denoiser) if attention_operands else {}
     operand_stats: dict[str, LayerStats] = {}
+    probe_formats = default_probe_formats() if attention_operands else {}
+    attn_error: dict[str, torch.Tensor] = {}
     reservoirs: dict[str, InputReservoir] = {}
     sampler = torch.Generator().manual_seed(seed)
     done = 0
@@ -113,6 +120,7 @@ def calibrate(
         stats, step_buckets, done = prev.layers, prev.step_buckets, int(prev.meta.get("done", 0))
         reservoirs = prev.reservoirs
         operand_stats = prev.operands
+        attn_error = prev.attention_error
         if "sampler_state" in prev.meta:  # continue the same random stream as an uninterrupted run
             sampler.set_state(torch.tensor(prev.meta["sampler_state"], dtype=torch.uint8))
     state = {"calls_at_start": 0}
@@ -159,6 +167,17 @@ def calibrate(
 
         return hook
 
+    def record_attention_error(name: str, label: str, err_sq: torch.Tensor, ref_sq: torch.Tensor) -> None:
+        step = recorded_step()
+        if step is None:
+            return
+        sums = attn_error.get(name)
+        if sums is None:
+            sums = attn_error[name] = torch.zeros(num_inference_steps, len(probe_formats), 2, dtype=torch.float64)
+        j = list(probe_formats).index(label)
+        sums[step, j, 0] += float(err_sq)
+        sums[step, j, 1] += float(ref_sq)
+
     handles = [register_timestep_hook(denoiser, adapter.timestep_of, lambda _m: tracker)]
     handles += [m.register_forward_pre_hook(make_hook(n, m)) for n, m in layers.items()]
     handles += [m.register_forward_hook(make_operand_hook(n)) for n, m in operand_mods.items()]
@@ -187,20 +206,24 @@ def calibrate(
             },
             reservoirs=reservoirs,
             operands=operand_stats,
+            attention_error=attn_error,
+            attention_formats=list(probe_formats),
         )
 
+    probes = probe_attention(denoiser, probe_formats, record_attention_error) if probe_formats else nullcontext()
     try:
-        # one pipeline call per batch; step index = denoiser calls since the batch started
-        for i in range(done, len(all_prompts), batch_size):
-            state["calls_at_start"] = tracker.calls
-            generate(
-                pipe, all_prompts[i : i + batch_size], seeds[i : i + batch_size],
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                height=height, width=width, batch_size=batch_size,
-            )
-            bar.update(len(all_prompts[i : i + batch_size]))
-            if checkpoint is not None:
-                snapshot(min(i + batch_size, len(all_prompts))).save(checkpoint)
+        with probes:
+            # one pipeline call per batch; step index = denoiser calls since the batch started
+            for i in range(done, len(all_prompts), batch_size):
+                state["calls_at_start"] = tracker.calls
+                generate(
+                    pipe, all_prompts[i : i + batch_size], seeds[i : i + batch_size],
+                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                    height=height, width=width, batch_size=batch_size,
+                )
+                bar.update(len(all_prompts[i : i + batch_size]))
+                if checkpoint is not None:
+                    snapshot(min(i + batch_size, len(all_prompts))).save(checkpoint)
     finally:
         for h in handles:
             h.remove()

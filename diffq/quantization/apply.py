@@ -1,7 +1,8 @@
 """``diffq.quantize(pipe, recipe)``: quantize a diffusers pipeline's denoiser in place.
 
 The pipeline stays a normal diffusers pipeline: only Linear/Conv2d modules inside the denoiser
-(and, with ``recipe.text_encoder``, the text encoders) are swapped for QuantLinear/QuantConv2d,
+(and, with ``recipe.text_encoder``, the text encoders) are swapped for QuantLinear/QuantConv2d
+(and, with ``recipe.attn``, the denoiser's attention processors for quantized ones),
 all through :func:`~diffq.quantization.selection.choose_layers` and
 :func:`~diffq.quantization.build.install_layers`; a :class:`~diffq.quantization.state.QuantState`
 on the denoiser records what was done.
@@ -24,6 +25,7 @@ from diffq.modules import structure_fingerprint
 from diffq.numerics import maybe_check_finite
 from diffq.pipelines.adapters import adapter_for
 from diffq.progress import progress_enabled
+from diffq.quantization.attention import apply_attention
 from diffq.quantization.build import install_layers
 from diffq.quantization.presets import PRESETS, resolve_recipe
 from diffq.quantization.recipe import Recipe
@@ -129,7 +131,8 @@ def quantize(
                 f"recipe {recipe.name!r} needs calibration statistics (smoothing or static activation ranges); "
                 f"pass calibration=diffq.calibrate(pipe, prompts) or prompts=[...]"
             )
-        calibration = calibrate(pipe, list(prompts), progress=progress, **(calibrate_kwargs or {}))
+        kw = {"attention_operands": True} if recipe.needs_attention_errors else {}
+        calibration = calibrate(pipe, list(prompts), progress=progress, **kw, **(calibrate_kwargs or {}))
     if calibration is not None:
         calibration.check_matches(structure_fingerprint(denoiser), adapter.name)
     base_fp = weights_fingerprint(denoiser)
@@ -149,10 +152,11 @@ def quantize(
         bar.close()
     if recipe.text_encoder:
         quantize_text_encoders(pipe, recipe)
+    attention = apply_attention(denoiser, recipe, calibration)
     attach_state(denoiser, state, adapter.timestep_of)
     state.summary = QuantSummary(
         recipe.name, adapter.name, _summaries(choices, built, before), bytes_before,
-        module_bytes(denoiser, float_bits=16), kernel_target=kernel_target()[1],
+        module_bytes(denoiser, float_bits=16), kernel_target=kernel_target()[1], attention=attention,
     )
     maybe_check_finite(pipe)  # DIFFQ_CHECK_FINITE=1: name the layer and step of the first NaN/Inf
     return state.summary

@@ -15,12 +15,15 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from diffq.attention.spec import ATTN_CHOICES, ATTN_GRANULARITIES, ATTN_ROLES, attn_format
 from diffq.errors import FormatError, RecipeError
 from diffq.formats import QuantSpec
 from diffq.methods.weight_clipping import CLIP_METHODS
 from diffq.pipelines.roles import ROLES
 
 DEFAULT_SKIP_ROLES = ("embed", "adanorm", "io")
+#: tuple fields, lists in JSON / YAML
+_LIST_FIELDS = ("skip_roles", "skip_patterns", "include_patterns", "attn_skip_roles", "attn_skip_patterns")
 #: fields of older diffq versions that are read and ignored, so their checkpoints still load:
 #: ``bos_aware`` kept the first token of text encoders in 16 bits, which per-token scales made a no-op
 REMOVED_FIELDS = ("bos_aware",)
@@ -52,6 +55,15 @@ class Recipe:
     text_encoder: also quantize every Linear of the text encoders with the same ``weight`` format
         and ``act`` format (dynamic scales per token when ``act`` is static: the text encoders are
         not calibrated), without smoothing or a low-rank branch.
+    attn: quantize the denoiser's attention itself (Q·Kᵀ and P·V, :mod:`diffq.attention`):
+        ``none``, ``int8`` (INT8 Q·Kᵀ and P·V), ``int8-fp8`` (INT8 Q·Kᵀ, FP8 E4M3 P·V), ``int8-fp16``
+        (INT8 Q·Kᵀ, 16-bit P·V) or ``int4-fp8`` (an experiment). ``attn_block``: tokens per Q/K scale (16/32/64/128);
+        ``attn_granularity``: ``block`` or ``head`` (one Q/K scale per head); ``attn_smooth_k``:
+        subtract K's mean over tokens first. ``attn_skip_roles`` (``self_attn``, ``cross_attn``,
+        ``joint_attn``, ``first_block``, ``last_block``) / ``attn_skip_patterns`` (regexes on the
+        attention module's name) keep those modules in 16 bits. ``attn_max_error``: also keep every
+        module whose attention output error, measured per step by calibration
+        (``calibrate(attention_operands=True)``), exceeds this relative L2 at its worst step.
     """
 
     name: str = "custom"
@@ -72,6 +84,13 @@ class Recipe:
     min_features: int = 16
     bit_plan: str | None = None
     text_encoder: bool = False
+    attn: str = "none"
+    attn_block: int = 64
+    attn_granularity: str = "block"
+    attn_smooth_k: bool = True
+    attn_skip_roles: tuple[str, ...] = ()
+    attn_skip_patterns: tuple[str, ...] = ()
+    attn_max_error: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,10 +109,10 @@ class Recipe:
                        "a string like 'int4:g64', or null")
         if not isinstance(self.name, str):
             bad("name", "a string")
-        for k in ("act_static", "split_shortcut", "text_encoder"):
+        for k in ("act_static", "split_shortcut", "text_encoder", "attn_smooth_k"):
             if not isinstance(getattr(self, k), bool):
                 bad(k, "true or false")
-        for k in ("rank", "min_features"):
+        for k in ("rank", "min_features", "attn_block"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int):
                 bad(k, "an integer")
@@ -106,6 +125,11 @@ class Recipe:
             or self.smooth_alpha != self.smooth_alpha
         ):
             bad("smooth_alpha", "a number in [0, 1] or null")
+        if self.attn_max_error is not None and (
+            isinstance(self.attn_max_error, bool) or not isinstance(self.attn_max_error, (int, float))
+            or math.isnan(self.attn_max_error) or self.attn_max_error <= 0
+        ):
+            bad("attn_max_error", "a positive number (a relative L2 error such as 0.05) or null")
         if self.timestep_groups is not None and (
             isinstance(self.timestep_groups, bool) or not isinstance(self.timestep_groups, int)
         ):
@@ -115,6 +139,9 @@ class Recipe:
         for k in ("weight_clip", "act_clip"):
             if not isinstance(getattr(self, k), str):
                 bad(k, f"one of {list(CLIP_METHODS)}")
+        for k, choices in (("attn", ATTN_CHOICES), ("attn_granularity", ATTN_GRANULARITIES)):
+            if not isinstance(getattr(self, k), str) or getattr(self, k) not in choices:
+                bad(k, f"one of {list(choices)}")
 
     def validate(self) -> None:
         self._check_types()
@@ -152,9 +179,14 @@ class Recipe:
         bad = [r for r in self.skip_roles if r not in ROLES]
         if bad:
             raise RecipeError(f"unknown roles {bad} in skip_roles; roles are {list(ROLES)}")
+        if self.attn_block not in (16, 32, 64, 128):
+            raise RecipeError(f"attn_block={self.attn_block} must be 16, 32, 64 or 128 tokens (64 is the usual choice)")
+        bad = [r for r in self.attn_skip_roles if r not in ATTN_ROLES]
+        if bad:
+            raise RecipeError(f"unknown roles {bad} in attn_skip_roles; attention roles are {list(ATTN_ROLES)}")
         if self.min_features < 0:
             raise RecipeError("min_features must be >= 0")
-        for p in self.skip_patterns + self.include_patterns:
+        for p in self.skip_patterns + self.include_patterns + self.attn_skip_patterns:
             try:
                 re.compile(p)
             except re.error as e:
@@ -162,12 +194,22 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.act_static or self.smooth_alpha is not None
+        return self.act_static or self.smooth_alpha is not None or self.needs_attention_errors
+
+    @property
+    def needs_attention_errors(self) -> bool:
+        """Calibration must have measured attention errors (``attention_operands=True``)."""
+        return self.attn != "none" and self.attn_max_error is not None
+
+    def attention_format(self):
+        """The :class:`~diffq.kernels.attention_reference.AttnFormat` of ``attn`` (None for ``none``)."""
+        return attn_format(self.attn, block=self.attn_block, granularity=self.attn_granularity,
+                           smooth_k=self.attn_smooth_k)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("skip_roles", "skip_patterns", "include_patterns"):
+        for k in _LIST_FIELDS:
             d[k] = list(d[k])
         return d
 
@@ -187,7 +229,7 @@ class Recipe:
                     kw[k] = QuantSpec.from_dict(kw[k])
                 elif isinstance(kw.get(k), str):
                     kw[k] = _spec_from_str(kw[k])
-            for k in ("skip_roles", "skip_patterns", "include_patterns"):
+            for k in _LIST_FIELDS:
                 if k in kw:
                     if isinstance(kw[k], str) or not all(isinstance(x, str) for x in kw[k]):
                         raise RecipeError(f"{k} must be a list of strings")

@@ -20,6 +20,21 @@ class LayerSummary:
 
 
 @dataclass
+class AttentionSummary:
+    """One attention module: its kind and roles (:mod:`diffq.attention.spec`), the processor it had,
+    the attention format installed (``none`` when skipped, with the reason), and the mean relative
+    L2 error of its output over the calibrated steps when calibration measured that format."""
+
+    name: str
+    kind: str
+    roles: list[str]
+    processor: str
+    format: str = "none"
+    skipped: str | None = None
+    calibrated_error: float | None = None
+
+
+@dataclass
 class QuantSummary:
     """What ``diffq.quantize`` did. Per-layer byte counts are what each module holds; the denoiser
     totals are 16-bit deployment sizes (float tensors wider than 16 bits counted at 16 bits), so
@@ -32,6 +47,7 @@ class QuantSummary:
     denoiser_bytes_before: int = 0
     denoiser_bytes_after: int = 0
     kernel_target: str = ""  # the GPU the layers' kernel routes refer to
+    attention: list[AttentionSummary] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[LayerSummary]:
@@ -56,6 +72,7 @@ class QuantSummary:
             "packed_bytes": self.packed_bytes,
             "kernel_target": self.kernel_target,
             "layers": [asdict(layer) for layer in self.layers],
+            "attention": [asdict(a) for a in self.attention],
         }
 
     def table(self, max_rows: int = 40) -> str:
@@ -77,4 +94,12 @@ class QuantSummary:
         )
         if self.kernel_target:
             lines.append(f"GPU kernel column: {self.kernel_target}")
+        if self.attention:
+            lines.append(f"{'attention module':52} {'roles':24} {'format':22} {'calibrated rel. error':>21}")
+            for a in self.attention[:max_rows]:
+                err = "-" if a.calibrated_error is None else f"{a.calibrated_error:.4f}"
+                fmt = a.format if a.skipped is None else f"none ({a.skipped})"
+                lines.append(f"{a.name[-52:]:52} {','.join(a.roles)[:24]:24} {fmt[:22]:22} {err:>21}")
+            n_a = sum(a.skipped is None for a in self.attention)
+            lines.append(f"{n_a}/{len(self.attention)} attention modules quantized")
         return "\n".join(lines)
