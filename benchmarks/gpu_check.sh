@@ -8,7 +8,7 @@
 #   0. environment: import diffq from this checkout without installing anything (a symlinked
 #      package root on PYTHONPATH: the GPU machine has no network); torch/triton/pytest/diffusers
 #      must be on the image (missing ones skip the steps that need them).
-#   1. compiled kernel tests: pytest -m cuda tests/test_kernels.py (tests/conftest.py sets
+#   1. compiled kernel tests: pytest -m cuda tests/test_kernels.py tests/test_fp4_kernels.py (conftest sets
 #      TRITON_INTERPRET=0 for -m cuda; the tests assert that the kernels were compiled).
 #   2. kernel table at FLUX (batch 1) and SDXL (batch 2 = CFG) layer shapes: bf16 torch.matmul,
 #      torch._int_mm (int8 GEMM only), torch._scaled_mm FP8 row-wise (GEMM only), and every diffq
@@ -92,7 +92,7 @@ fi
 if [ "$DRY" = 1 ]; then
   say "SKIP cuda_tests (dry run)"
 elif "$PY" -c "import pytest" >/dev/null 2>&1; then
-  run_step cuda_tests 170 40 "$PY" -m pytest -m cuda tests/test_kernels.py -q -rs -p no:cacheprovider \
+  run_step cuda_tests 170 40 "$PY" -m pytest -m cuda tests/test_kernels.py tests/test_fp4_kernels.py -q -rs -p no:cacheprovider \
     --junitxml="$OUT/cuda_tests.xml"
 else
   say "SKIP cuda_tests (pytest not installed on this image)"

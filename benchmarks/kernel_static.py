@@ -5,10 +5,13 @@ the main loop's instruction budget per k-step (see :mod:`diffq.kernels.aot` for 
 These are **predictions from compiled code, not measurements**: no GPU runs anything here.
 
     python -m benchmarks.kernel_static [--caps 90,80] [--json-dir benchmarks/results] [--before REV]
+    python -m benchmarks.kernel_static --fp4 --caps 100,120,90,89,80 [--json-dir benchmarks/results]
 
 Rows: every GEMM kind at its default tile for the FLUX.1 single-block QKV shape (4608 tokens x
 3072 -> 3072, group 64, rank 32) and for an SDXL shape (8192 tokens x 640 -> 640: 64x64 latent,
 CFG batch 2), the int4 kinds also at group 128, and the activation kernels at FLUX widths.
+``--fp4``: the NVFP4 / MXFP4 kernels on sm_100 (B200), sm_120 (RTX 50xx) and the emulated
+sm_90 / sm_89 / sm_80 routes, with the PTX MMA instruction (``kernel_static_fp4.json``).
 ``--before REV`` also compiles the kernels of git revision REV (default tiles of that revision's
 tables) with the same model and prints them side by side.
 """
@@ -52,6 +55,75 @@ def builds(cap: int):
         rows.append((f"flux act_rows int8 K={kk}", aot.build_act_rows(cap, kk, "int8")))
     rows.append(("flux act_groups (w4a4 input, lr32)", aot.build_act_groups(cap, 2 if cap >= 89 else 1)))
     return rows
+
+
+def fp4_builds(cap: int):
+    """(label, Build) rows of the FP4 kernels on one target: the NVFP4 / MXFP4 GEMM at its default
+    FLUX tile (formats the target supports; SDXL shapes pick the same tiles), the activation
+    kernels at FLUX width."""
+    from diffq.kernels import aot
+    from diffq.kernels.fp4_dispatch import FP4_FAMILY_CAP, FP4_MIN_CAPABILITY, pick_fp4_tile
+
+    family = {v: k for k, v in FP4_FAMILY_CAP.items()}[cap]
+    m, _, n = aot.FLUX_SHAPE
+    rows = []
+    for fmt in ("nvfp4", "mxfp4"):
+        if (cap // 10, cap % 10) >= FP4_MIN_CAPABILITY[fmt]:
+            rows.append((f"flux {fmt}", aot.build_fp4_gemm(fmt, cap, pick_fp4_tile(family, m, n))))
+    if cap >= 100:
+        rows += [("flux fp4_amax (NVFP4 tensor abs-max)", aot.build_fp4_amax(cap)),
+                 ("flux fp4_act nvfp4 (codes + scales + lr32 down)", aot.build_fp4_act(cap, "nvfp4")),
+                 ("flux fp4_act mxfp4 (codes + scales + lr32 down)", aot.build_fp4_act(cap, "mxfp4"))]  # fmt: skip
+    return rows
+
+
+FP4_COLUMNS = ("kernel", "target", "tile", "regs", "spill", "smem KB", "CTAs/SM", "SASS MMA", "PTX MMA", "loop instr/k-step",
+               "issue/MMA", "bound/MMA")  # fmt: skip
+
+
+def fp4_markdown(rows: list[dict]) -> str:
+    out = ["| " + " | ".join(FP4_COLUMNS) + " |", "|" + "---|" * len(FP4_COLUMNS)]
+    fmt = lambda v: "-" if v is None else f"{v}"
+    for r in rows:
+        if not r["ok"]:
+            out.append(f"| {r['kernel']} | sm_{r['cap']} | {r['tile']} | compile error: {r['error'][-80:]} |")
+            continue
+        ptx = [p for p in r["ptx_mma"] if "block_scale" in p] or r["ptx_mma"]
+        ptx_s = ", ".join(f"`{p}`" for p in ptx) or "-"
+        out.append(
+            f"| {r['kernel']} | sm_{r['cap']} | {r['tile']} | {r['regs']} | {r['spill']} | {r['smem_kb']} | "
+            f"{fmt(r['ctas_per_sm'])} | {r['mma'] or '-'} | {ptx_s} | {fmt(r['loop_instr_per_kstep'])} | "
+            f"{fmt(r['issue_ratio'])} | {fmt(r['bound_ratio'])} |"
+        )
+    return "\n".join(out)
+
+
+def run_fp4(caps: list[int], processes: int, json_dir: str | None, argv: list[str]) -> None:
+    """Compile the FP4 rows for every cap and print / write them (kernel_static_fp4.json)."""
+    import triton
+
+    from diffq.io import write_json_atomic
+    from diffq.kernels import aot
+
+    labelled = [(label, b, cap) for cap in caps for label, b in fp4_builds(cap)]
+    reps = aot.compile_many([(b, cap) for _, b, cap in labelled], processes=processes)
+    rows = [dict(row_of(label, r), ptx_mma=r.ptx_mma, trap_only=r.trap_only) for (label, _, _), r in zip(labelled, reps)]
+    print(f"**FP4 kernels (static prediction from compiled SASS, triton {triton.__version__})**\n")
+    print(fp4_markdown(rows))
+    if json_dir:
+        path = Path(json_dir) / "kernel_static_fp4.json"
+        payload = {
+            "meta": {
+                "what": "static prediction from compiled code (no GPU ran): see diffq.kernels.aot for the model",
+                "targets": [f"sm_{c}" for c in caps], "triton": triton.__version__,
+                "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "command": " ".join(["python -m benchmarks.kernel_static", *argv]), "flux_shape": aot.FLUX_SHAPE,
+                "rank": aot.RANK, "mma_rate_mac_per_clk_per_sm": {c: aot.MMA_RATE[c] for c in caps},
+            },
+            "rows": rows,
+        }  # fmt: skip
+        write_json_atomic(path, payload)
+        print(f"wrote {path}")
 
 
 def _conversions(rep) -> int:
@@ -163,8 +235,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json-dir", default=None, help="write kernel_static_sm<cap>.json here")
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--before", default=None, help="also compile this git revision's kernels (e.g. 485e0c9)")
+    ap.add_argument("--fp4", action="store_true", help="only the FP4 kernels (caps 100,120,90,89,80 allowed)")
     a = ap.parse_args(argv)
     caps = [int(c) for c in a.caps.split(",")]
+    if a.fp4:
+        run_fp4(caps, a.processes, a.json_dir, list(argv if argv is not None else sys.argv[1:]))
+        return
     import triton
 
     for cap in caps:

@@ -122,6 +122,12 @@ def bytes_moved(kernel: str, m: int, k: int, n: int, out_bytes: int = 2) -> int:
         w = n * k // 2 + 2 * n * (k // g)
         lr = 2 * k * r + 2 * 4 * m * r + 2 * r * n if kernel == "w4a4_lr" else 0
         return act4 + w + lr + out
+    if kernel in ("nvfp4_lr", "mxfp4_lr"):  # NVFP4 reads x twice (abs-max pass); 1-byte block scales
+        b = 16 if kernel == "nvfp4_lr" else 32
+        reads = 2 if kernel == "nvfp4_lr" else 1
+        act4 = reads * 2 * m * k + 2 * (m * k // 2 + m * (k // b))
+        lr = 2 * k * r + 2 * 4 * m * r + 2 * r * n
+        return act4 + n * k // 2 + n * (k // b) + lr + out
     raise ValueError(kernel)
 
 
@@ -172,6 +178,14 @@ def _cuda_kernels(m: int, k: int, n: int):
     if avail["w4a4"] is None:
         fns["w4a4"] = lambda: K.w4a4_linear(x, q4, s4, GROUP, backend="triton")
         fns["w4a4_lr"] = lambda: K.w4a4_linear(x, q4, s4, GROUP, lr_down=l1, lr_up=l2, backend="triton")
+    for fmt in ("nvfp4", "mxfp4"):  # native on sm_100 / sm_120, Triton's bf16 emulation below
+        if K.fp4_unavailable_reason(fmt, dev) is None:
+            from diffq.formats import MXFP4, NVFP4, pack_bits, quantize
+
+            qf = quantize(w, NVFP4 if fmt == "nvfp4" else MXFP4)
+            args = (pack_bits(qf.codes, 4), qf.scale_stored, fmt)
+            fns[f"{fmt}_lr"] = lambda a=args, g=qf.global_scale: K.fp4_linear(
+                x, *a, wscale_global=g, lr_down=l1, lr_up=l2, backend="triton")
     if avail["fp8"] is None:
         fns["fp8"] = lambda: K.fp8_linear(x, f8, s8, backend="triton")
         if k % 16 == 0 and n % 16 == 0:

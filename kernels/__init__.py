@@ -8,7 +8,8 @@ packed int4 [N, K // 2] (two's-complement nibbles, element 2j in the low nibble 
 Kernels: :func:`w4a16_linear` (weight-only int4), :func:`w8a8_linear` (int8 x int8),
 :func:`w4a8_linear` (int4 weights on int8 MMA), :func:`w4a4_linear` (SVDQuant: int4 x int4 +
 low-rank branch; pieces :func:`quantize_act_lowrank` and :func:`w4a4_gemm`), :func:`fp8_linear`
-(E4M3). Convolutions: :func:`conv2d_via_gemm` / :func:`im2col_nhwc` (NHWC patch order, matching
+(E4M3), :func:`fp4_linear` (NVFP4 / MXFP4 weights and activations on ``tl.dot_scaled``, low-rank
+branch fused; quantizer :func:`quantize_act_fp4`). Convolutions: :func:`conv2d_via_gemm` / :func:`im2col_nhwc` (NHWC patch order, matching
 the core's [N, kh*kw*Cin] conv weight rows). Torch references live in
 :mod:`diffq.kernels.reference`. Modules: :func:`fused_forward` / :func:`kernel_kind` /
 :func:`kernel_route` map a QuantLinear / QuantConv2d to its kernel (used by their ``forward`` on
@@ -32,6 +33,7 @@ from diffq.kernels.dispatch import (
     w4a16_linear,
     w8a8_linear,
 )
+from diffq.kernels.fp4_dispatch import fp4_linear, fp4_unavailable_reason, quantize_act_fp4
 from diffq.kernels.layer_dispatch import forget, fused_forward, kernel_kind, kernel_route
 
 __all__ = [
@@ -41,12 +43,15 @@ __all__ = [
     "conv_output_hw",
     "expand_channel_vector",
     "forget",
+    "fp4_linear",
+    "fp4_unavailable_reason",
     "fp8_linear",
     "fused_forward",
     "im2col_nhwc",
     "kernel_kind",
     "kernel_route",
     "plan_for",
+    "quantize_act_fp4",
     "quantize_act_lowrank",
     "quantize_act_per_token",
     "triton_unavailable_reason",

@@ -46,17 +46,25 @@ from typing import Any
 #: dense MMA rates, multiply-accumulates per clock per SM (H100 SXM: 989 TFLOP/s bf16 at 1.83 GHz
 #: x 132 SMs; A100: 312 TFLOP/s bf16 at 1.41 GHz x 108 SMs; L40S (sm_89): 362 TFLOP/s fp16 with
 #: fp32 accumulation at 2.52 GHz x 142 SMs; 8-bit twice that). mma.sync on sm_90 is counted at the
-#: wgmma rate (optimistic: its real peak there is lower).
+#: wgmma rate (optimistic: its real peak there is lower). Blackwell, from the vendor's dense peak
+#: figures (assumed, not measured): B200 (sm_100) 2.25 / 4.5 / 9 PFLOP/s bf16 / fp8 / fp4 at about
+#: 1.85 GHz x 148 SMs = 4096 / 8192 / 16384 MAC per clock per SM (tcgen05); RTX 5090 (sm_120)
+#: 1676 TFLOP/s fp4 at 2.41 GHz x 170 SMs = 2048 MAC per clock per SM, fp8 half of that
+#: (block-scaled mma.sync).
 MMA_RATE = {
     90: {"16bit": 2048, "8bit": 4096, "tf32": 1024},
     89: {"16bit": 512, "8bit": 1024, "tf32": 256},
     80: {"16bit": 1024, "8bit": 2048, "tf32": 512},
+    100: {"16bit": 4096, "8bit": 8192, "fp4": 16384, "tf32": 2048},
+    120: {"16bit": 512, "8bit": 1024, "fp4": 2048, "tf32": 256},
 }
 #: shared memory per SM (bytes) and the per-CTA reservation, registers per SM, warps per SM
 SM_LIMITS = {
     90: {"smem": 233472, "reserve": 1024, "regs": 65536, "warps": 64},
     89: {"smem": 102400, "reserve": 1024, "regs": 65536, "warps": 48},
     80: {"smem": 167936, "reserve": 1024, "regs": 65536, "warps": 64},
+    100: {"smem": 233472, "reserve": 1024, "regs": 65536, "warps": 64},
+    120: {"smem": 102400, "reserve": 1024, "regs": 65536, "warps": 48},
 }
 #: lanes per SM per clock of the pipes modelled besides issue: integer ALU and FP32 (FFMA/FADD/FMUL,
 #: IMAD), by architecture (H100 and Ada: 128 FP32 lanes; A100: 64)
@@ -64,8 +72,14 @@ PIPE_LANES = {
     90: {"alu": 64, "fp32": 128, "xu": 16},
     89: {"alu": 64, "fp32": 128, "xu": 16},
     80: {"alu": 64, "fp32": 64, "xu": 16},
+    100: {"alu": 64, "fp32": 128, "xu": 16},
+    120: {"alu": 64, "fp32": 128, "xu": 16},
 }
-MMA_OPS = ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA", "QMMA")
+MMA_OPS = ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA", "QMMA", "OMMA", "UTCHMMA", "UTCIMMA", "UTCQMMA", "UTCOMMA")
+#: Blackwell tcgen05 MMAs (SASS ``UTC*MMA``, one instruction per CTA tile, issued by one thread):
+#: the K depth of one instruction by kind (16-bit 16, 8-bit 32, FP4 64); the M x N shape sits in a
+#: runtime instruction descriptor, so it is taken from the build's tile
+TCGEN05_K = {"UTCHMMA": 16, "UTCIMMA": 32, "UTCQMMA": 32, "UTCOMMA": 64}
 XU_OPS = ("I2F", "F2I", "F2F", "FRND", "MUFU", "I2I")
 FP32_OPS = ("FFMA", "FADD", "FMUL", "FMNMX", "FSETP", "FSEL", "IMAD", "FCHK", "HADD2", "HFMA2", "HMUL2")
 ALU_OPS = (
@@ -110,6 +124,7 @@ class Build:
     tile: str = ""  # "BMxBNxBK-wWsS" or "" for kernels without a tile table
     mma_input: str | None = None  # "16bit" | "8bit" | "tf32" | None (no tensor-core GEMM)
     block_macs: int | None = None  # BLOCK_M * BLOCK_N * BLOCK_K: MACs per CTA per k-step
+    tile_mn: int | None = None  # BLOCK_M * BLOCK_N of the CTA's MMA (tcgen05 shapes are not in SASS)
     div16: Iterable[str] | None = None  # args hinted divisible by 16 (default: all)
     maxnreg: int | None = None
 
@@ -135,10 +150,12 @@ class Report:
     shared: int | None = None
     mma: str = ""  # SASS MMA instruction, e.g. "IGMMA.64x128x32.S8.S8" ("" when none)
     mma_kinds: dict[str, int] = field(default_factory=dict)  # MMA opcode -> SASS count, e.g. {"IGMMA": 8, "QGMMA": 4}
-    mma_unit: str = ""  # "wgmma" | "mma.sync" | ""
+    mma_unit: str = ""  # "wgmma" | "mma.sync" | "tcgen05" | ""
     wgmma_a_regs: bool | None = None  # wgmma A operand from registers (else shared memory)
     wgmma_async: bool | None = None  # None when the kernel has no wgmma
     imprecise_acc: list[int] = field(default_factory=list)  # maxNumImpreciseAcc of fp8 dots
+    ptx_mma: list[str] = field(default_factory=list)  # distinct PTX MMA opcodes, e.g. "tcgen05.mma...kind::mxf4..."
+    trap_only: bool = False  # the compiled body is a bare ``trap;`` (a miscompile that still "compiles")
     loop_instr: int | None = None  # SASS instructions in the main loop body (per thread)
     loop_k_steps: float | None = None  # k-steps (BLOCK_K each) per main-loop iteration
     loop_ops: dict[str, int] = field(default_factory=dict)
@@ -165,6 +182,8 @@ class Report:
             return None
         if self.mma_unit == "wgmma":
             return bool(self.wgmma_async) or (self.ctas_per_sm or 0) >= 2
+        if self.mma_unit == "tcgen05":  # asynchronous by design (commit + mbarrier wait)
+            return True
         return (self.ctas_per_sm or 0) * self.num_warps >= 8
 
     @property
@@ -203,19 +222,27 @@ def opcode(txt: str) -> str:
     return txt.split()[0].split(".")[0] if txt else ""
 
 
-def mma_macs(txt: str) -> tuple[int, str, str]:
-    """SASS MMA instruction -> (MACs per issuing unit, unit "wgmma"/"mma.sync", input class)."""
+def mma_macs(txt: str, tile_mn: int | None = None) -> tuple[int, str, str]:
+    """SASS MMA instruction -> (MACs per issuing unit, unit "wgmma"/"mma.sync"/"tcgen05", input class).
+
+    ``tile_mn``: BLOCK_M x BLOCK_N of the CTA, needed for tcgen05 (``UTC*MMA``), whose shape is not
+    in the SASS text: one instruction computes the CTA tile over :data:`TCGEN05_K` of K."""
     op = opcode(txt)
     head = txt.split()[0]
+    if op in TCGEN05_K:
+        if tile_mn is None:
+            raise ValueError(f"{txt}: a tcgen05 MMA needs the CTA tile (tile_mn)")
+        cls = {"UTCHMMA": "16bit", "UTCIMMA": "8bit", "UTCQMMA": "8bit", "UTCOMMA": "fp4"}[op]
+        return tile_mn * TCGEN05_K[op], "tcgen05", cls
     if op in ("HGMMA", "IGMMA", "QGMMA"):
         m = re.search(r"\.(\d+)x(\d+)x(\d+)", head)
         mm, nn, kk = (int(v) for v in m.groups())
         cls = "16bit" if op == "HGMMA" and ".TF32" not in head else ("tf32" if op == "HGMMA" else "8bit")
         return mm * nn * kk, "wgmma", cls
-    if op in ("HMMA", "IMMA", "QMMA"):
-        m = re.search(r"\.(\d\d)(\d)(\d+)", head)  # 16816 -> m16 n8 k16; 16832 -> m16 n8 k32; 1688 -> k8
+    if op in ("HMMA", "IMMA", "QMMA", "OMMA"):
+        m = re.search(r"\.(\d\d)(\d)(\d+)", head)  # 16816 -> m16 n8 k16; 16832 -> m16 n8 k32; 16864 -> k64
         mm, nn, kk = int(m.group(1)), int(m.group(2)), int(m.group(3))
-        cls = "8bit" if op in ("IMMA", "QMMA") else ("tf32" if ".TF32" in head else "16bit")
+        cls = {"IMMA": "8bit", "QMMA": "8bit", "OMMA": "fp4"}.get(op) or ("tf32" if ".TF32" in head else "16bit")
         return mm * nn * kk, "mma.sync", cls
     raise ValueError(txt)
 
@@ -298,7 +325,7 @@ def compile_build(build: Build, cap: int, keep: str | None = None) -> Report:
         _write_file(cub_path, cubin)
         arch = f"sm_{cap}a" if cap >= 90 else f"sm_{cap}"
         log = subprocess.run(
-            [_bin("ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", ptx_path, "-o",
+            [_bin("ptxas-blackwell" if cap >= 100 else "ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", ptx_path, "-o",
              os.path.join(d, "k2.cubin")],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
@@ -320,6 +347,14 @@ def compile_build(build: Build, cap: int, keep: str | None = None) -> Report:
     return rep
 
 
+def trap_only(ptx: str) -> bool:
+    """True when a kernel's PTX body is a bare ``trap;`` without memory or MMA instructions: LLVM
+    proved the code undefined and dropped it, which still "compiles" (Triton 3.8 does this for a
+    ``tf32x3`` dot next to ``tcgen05`` block-scaled MMAs on sm_100)."""
+    body = ptx[ptx.find(".entry"):] if ".entry" in ptx else ptx
+    return "trap;" in body and not re.search(r"\b(ld|st|cp|mma|wgmma|tcgen05)\.", body)
+
+
 def ctas_per_sm(cap: int, warps: int, regs: int | None, shared: int | None) -> int | None:
     """Resident CTAs per SM allowed by registers (allocated per warp in units of 256), shared
     memory and warp slots."""
@@ -337,13 +372,15 @@ def _analyse(rep: Report, build: Build, cap: int, sass: str, ttgir: str, ptx: st
     mmas = [x for _, x in ins if opcode(x) in MMA_OPS]
     if mmas:
         rep.mma = collections.Counter(x.split()[0] for x in mmas).most_common(1)[0][0]
-        rep.mma_unit = mma_macs(rep.mma)[1]
+        rep.mma_unit = mma_macs(rep.mma, build.tile_mn or 1)[1]
         rep.mma_kinds = dict(sorted(collections.Counter(opcode(x) for x in mmas).items()))
     if rep.mma_unit == "wgmma" or "warp_group_dot" in ttgir:
         pend = [int(p) for p in re.findall(r"warp_group_dot_wait[^\n]*pendings = (\d+)", ttgir)]
         rep.wgmma_async = any(p > 0 for p in pend)
         rep.wgmma_a_regs = bool(re.search(r"ttng\.warp_group_dot %\S+, %\S+, %\S+[^\n]*: tensor<", ttgir))
     rep.imprecise_acc = sorted({int(v) for v in re.findall(r"maxNumImpreciseAcc = (\d+)", ttgir)})
+    rep.trap_only = trap_only(ptx)
+    rep.ptx_mma = sorted(set(re.findall(r"\b(tcgen05\.mma[\w.:]*|mma\.sync\.aligned[\w.:]*|wgmma\.mma_async[\w.:]*)", ptx)))
     body = main_loop(ins)
     if body is None or not build.mma_input:
         return
@@ -354,8 +391,8 @@ def _analyse(rep: Report, build: Build, cap: int, sass: str, ttgir: str, ptx: st
     macs = 0.0
     for x in body:
         if opcode(x) in MMA_OPS:
-            per, unit, _ = mma_macs(x)
-            macs += per * (w / 4 if unit == "wgmma" else w)
+            per, unit, _ = mma_macs(x, build.tile_mn)
+            macs += per * {"wgmma": w / 4, "tcgen05": 1}.get(unit, w)
     rate = MMA_RATE[cap][build.mma_input]
     lanes = PIPE_LANES[cap]
     rep.mma_clk = round(macs / rate, 1) if macs else None
@@ -473,6 +510,62 @@ def build_gemm(kind: str, cap: int, tile: Any, *, dtype: str = "bf16", bias: boo
     raise ValueError(kind)
 
 
+def build_fp4_gemm(fmt: str, cap: int, tile: Any, *, dtype: str = "bf16", bias: bool = False, even: bool = True,
+                   lr: bool = True, lr_f32: bool = False, splits: int = 4) -> Build:
+    """The FP4 GEMM (:func:`diffq.kernels.fp4_gemm._fp4_gemm_kernel`) for ``fmt`` ("nvfp4" /
+    "mxfp4") as :mod:`diffq.kernels.fp4_launch` launches it on sm_<cap>; the main loop's MMA
+    class is "fp4" where the GPU has block-scaled FP4 MMA (sm_100, sm_120), else "16bit"
+    (Triton's bf16 emulation of dot_scaled)."""
+    from diffq.kernels import fp4_gemm
+    from diffq.kernels.fp4_dispatch import FP4_FORMATS, fp4_route
+
+    block = FP4_FORMATS[fmt][0]
+    nv = fmt == "nvfp4"
+    ptr = f"*{dtype}"
+    sc = "*fp8e4nv" if nv else "*u8"
+    types = {"x_ptr": "*u8", "xs_ptr": sc, "w_ptr": "*u8", "ws_ptr": sc, "amax_ptr": "*i32", "wg_ptr": "*fp32",
+             "d_ptr": "*fp32", "l2_ptr": "*fp32" if lr_f32 else ptr, "b_ptr": "*fp32", "y_ptr": ptr,
+             **_ints("M", "N", "K", "R", "stride_xm", "stride_xsm", "stride_wn", "stride_wsn", "stride_ds", "stride_dm",
+                     "stride_l2r", "stride_ym")}  # fmt: skip
+    consts = {"B": block, "NV": nv, "EVEN_K": even, "HAS_LR": lr, "LR_F32": lr_f32, "R_PAD": RANK, "SPLITS": splits,
+              "HAS_BIAS": bias, **_tile_consts(tile)}  # fmt: skip
+    name = fmt + ("" if dtype == "bf16" else f"-{dtype}") + ("-bias" if bias else "") + ("" if even else "-oddk")
+    name += ("" if lr else "-nolr") + ("-lrf32" if lr_f32 else "") + (f"-s{splits}" if splits != 4 else "")
+    native = fp4_route((cap // 10, cap % 10)) == "fp4-mma"
+    return Build(name, "_fp4_gemm_kernel", fp4_gemm._fp4_gemm_kernel, types, consts, tile.num_warps, tile.num_stages,
+                 tile.name(), "fp4" if native else "16bit", tile.block_m * tile.block_n * tile.block_k,
+                 tile_mn=tile.block_m * tile.block_n)  # fmt: skip
+
+
+def build_fp4_act(cap: int, fmt: str, *, dtype: str = "bf16", lr: bool = True, lr_f32: bool = False,
+                  smooth: bool = True, m: int = FLUX_SHAPE[0]) -> Build:
+    """The FP4 activation kernel (codes, block scales, down-projection partials) at FLUX width."""
+    from diffq.kernels import fp4_gemm
+    from diffq.kernels.fp4_dispatch import FP4_FORMATS
+
+    bm, _, _ = fp4_gemm.act_config(m, FLUX_SHAPE[1] // fp4_gemm.CHUNK, 132)
+    nv = fmt == "nvfp4"
+    types = {"x_ptr": f"*{dtype}", "sm_ptr": "*fp32", "amax_ptr": "*i32", "l1_ptr": "*fp32" if lr_f32 else f"*{dtype}",
+             "q_ptr": "*u8",
+             "s_ptr": "*fp8e4nv" if nv else "*u8", "d_ptr": "*fp32",
+             **_ints("M", "K", "R", "stride_xm", "stride_qm", "stride_sm", "stride_l1k", "stride_ds", "stride_dm",
+                     "chunks_per_split")}  # fmt: skip
+    consts = {"B": FP4_FORMATS[fmt][0], "NV": nv, "HAS_SMOOTH": smooth, "HAS_LR": lr, "LR_F32": lr_f32,
+              "BLOCK_M": bm, "CB": fp4_gemm.CHUNK, "R_PAD": RANK}  # fmt: skip
+    name = f"fp4_act-{fmt}" + ("" if lr else "-nolr") + ("-lrf32" if lr_f32 else "") + ("" if dtype == "bf16" else f"-{dtype}")
+    return Build(name, "_fp4_act_kernel", fp4_gemm._fp4_act_kernel, types, consts, 4, 1, f"{bm}-w4")
+
+
+def build_fp4_amax(cap: int, *, dtype: str = "bf16", m: int = FLUX_SHAPE[0]) -> Build:
+    """The NVFP4 abs-max reduction (one atomic per program)."""
+    from diffq.kernels import fp4_gemm
+
+    bm, _, _ = fp4_gemm.act_config(m, FLUX_SHAPE[1] // fp4_gemm.CHUNK, 132)
+    types = {"x_ptr": f"*{dtype}", "sm_ptr": "*fp32", "amax_ptr": "*i32", **_ints("M", "K", "stride_xm", "chunks_per_split")}
+    consts = {"HAS_SMOOTH": True, "BLOCK_M": bm, "CB": fp4_gemm.CHUNK}
+    return Build(f"fp4_amax-{dtype}", "_fp4_amax_kernel", fp4_gemm._fp4_amax_kernel, types, consts, 4, 1, f"{bm}-w4")
+
+
 def build_act_rows(cap: int, k: int, fmt: str = "int8", *, dtype: str = "bf16", smooth: bool = True,
                    static: bool = False) -> Build:
     from diffq.kernels import activation_kernels as ak
@@ -503,6 +596,28 @@ def build_act_groups(cap: int, out: int, *, dtype: str = "bf16", lr: bool = True
     name = f"act_groups-{['packed', 'int8', 'e4m3'][out]}" + ("" if lr else "-nolr") + ("-lrf32" if lr_f32 else "")
     name += "-static" if static else ""
     return Build(name, "_act_groups_kernel", ak._act_groups_kernel, types, consts, 4, 1, f"{bm}-w4")
+
+
+def fp4_gate_jobs() -> list[tuple[Build, int]]:
+    """The FP4 builds of the gate (a minute or so on 2 cores): every tile of every FP4 table on
+    its family's target (NVFP4 where E4M3 scales exist, else MXFP4), MXFP4 on the default tiles
+    of sm_100 / sm_120 / sm_90, the fp32-output tiles of the Blackwell targets (fp32
+    activations, bias, ragged K, no fused branch: the launcher adds fp32 low-rank branches in torch),
+    and the activation kernels."""
+    from diffq.kernels.fp4_dispatch import FP4_F32_TILES, FP4_FAMILY_CAP, FP4_MIN_CAPABILITY, FP4_TILES
+
+    jobs: list[tuple[Build, int]] = []
+    for family, cap in FP4_FAMILY_CAP.items():
+        fmt = "nvfp4" if (cap // 10, cap % 10) >= FP4_MIN_CAPABILITY["nvfp4"] else "mxfp4"
+        jobs += [(build_fp4_gemm(fmt, cap, t), cap) for t in FP4_TILES[family]]
+        if family in ("sm100", "sm120", "hopper"):
+            jobs.append((build_fp4_gemm("mxfp4", cap, FP4_TILES[family][0]), cap))
+        if family in ("sm100", "sm120"):
+            for t in FP4_F32_TILES.get(family, FP4_TILES[family][:1]):
+                jobs.append((build_fp4_gemm("nvfp4", cap, t, dtype="fp32", bias=True, even=False, lr=False), cap))
+            jobs += [(build_fp4_act(cap, "nvfp4"), cap), (build_fp4_amax(cap), cap)]
+    jobs += [(build_fp4_act(120, "mxfp4", dtype="fp32", lr_f32=True), 120), (build_fp4_act(90, "nvfp4"), 90)]
+    return jobs
 
 
 #: quantized-attention variants (``kernels/attention.py``): name -> (PV format, QK bits, token block,
@@ -549,7 +664,8 @@ def build_attention(variant: str, cap: int, num_warps: int | None = None) -> Bui
 
 def gate_jobs() -> list[tuple[Build, int]]:
     """Every (build, capability) the compile gate checks: each GEMM kind x every tile its tables
-    can pick x each family's target (sm_90 hopper, sm_89 ada, sm_80 ampere; FP8 kinds only where
+    can pick x each family's target (sm_90 hopper, sm_89 ada, sm_80 ampere; FP4: also sm_100 and
+    sm_120, :func:`fp4_gate_jobs`; FP8 kinds only where
     :data:`diffq.kernels.dispatch.MIN_CAPABILITY` allows them), the other constexpr variants the
     dispatcher launches (fp16/fp32 activations, bias, ragged K, G = 128, fp32 low-rank, K splits,
     the int8 W4A4 route on sm_90), and the activation kernels at the launch configurations of
@@ -596,16 +712,19 @@ def gate_jobs() -> list[tuple[Build, int]]:
         jobs.append((build_act_groups(cap, 1, lr=False, static=True, pad=True), cap))
         jobs.append((build_act_groups(cap, 0, dtype="fp32", lr_f32=True, m=16), cap))
         jobs += [(build_attention(v, cap), cap) for v in GATED_ATTENTION]
-    return jobs
+    return jobs + fp4_gate_jobs()
 
 
 def expected_failures() -> list[tuple[Build, int]]:
     """Builds that must *not* compile (checked by the gate so that the reason the dispatcher
-    keeps FP8 off sm_80 stays true): the FP8 GEMM and quantizer for sm_80."""
+    keeps FP8 off sm_80 stays true): the FP8 GEMM and quantizer for sm_80, and the NVFP4 GEMM
+    there (its E4M3 block scales; MXFP4 runs on sm_80)."""
     from diffq.kernels import autotune as at
+    from diffq.kernels.fp4_dispatch import FP4_TILES
 
     tile = at.table("fp8", "hopper")[2]
-    return [(build_gemm("fp8", 80, tile), 80), (build_act_rows(80, 3072, "fp8"), 80)]
+    return [(build_gemm("fp8", 80, tile), 80), (build_act_rows(80, 3072, "fp8"), 80),
+            (build_fp4_gemm("nvfp4", 80, FP4_TILES["ampere"][0]), 80)]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,8 @@ from diffq.kernels import reference as ref
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: minimum CUDA capability per kernel kind (int8 / bf16 MMA: Ampere; FP8 MMA: Ada / Hopper)
-MIN_CAPABILITY = {"w4a16": (8, 0), "w8a8": (8, 0), "w4a8": (8, 0), "w4a4": (8, 0), "fp8": (8, 9)}
+MIN_CAPABILITY = {"w4a16": (8, 0), "w8a8": (8, 0), "w4a8": (8, 0), "w4a4": (8, 0), "fp8": (8, 9),
+                  "nvfp4": (8, 9), "mxfp4": (8, 0)}  # FP4: native on sm_100 / sm_120 (fp4_dispatch)
 #: group sizes the int4 Triton GEMMs take (their K loop pairs 64-element halves of 128-blocks)
 INT4_GROUPS = (64, 128)
 
@@ -203,7 +204,8 @@ def interpreted() -> bool:
 def triton_unavailable_reason(kind: str, device: torch.device | str, group_size: int | None = None) -> str | None:
     """Why the Triton ``kind`` kernel cannot run on ``device`` (None when it can).
 
-    kind: "w4a16", "w8a8", "w4a8", "w4a4" or "fp8". FP8 kernels need sm_89+; they are never
+    kind: "w4a16", "w8a8", "w4a8", "w4a4", "fp8", "nvfp4" or "mxfp4". FP8 kernels (and NVFP4's E4M3
+    scales) need sm_89+; they are never
     dispatched to older GPUs (sm_80 has no E4M3 MMA: Triton refuses to compile them there)."""
     ok, interp, why = _triton_state()
     if not ok:

@@ -12,9 +12,15 @@ int8 symmetric, per channel            int8 per token (dynamic), or int8     w8a
 int4 symmetric, group G                int8 per token / static per tensor    w4a8
 int4 symmetric, group G                int4 group G (same G), dynamic        w4a4 (+ low-rank fused)
 fp8_e4m3, per channel                  fp8_e4m3 per token / static tensor    fp8
+NVFP4 (E2M1, group 16, E4M3 + global)  NVFP4, dynamic, no split segments     nvfp4 (+ low-rank fused)
+MXFP4 (E2M1, group 32, E8M0)           MXFP4, dynamic (segments of 32k)      mxfp4 (+ low-rank fused)
 =====================================  ====================================  ==========
 
-Not fused (reference path): asymmetric (zero-point) and FP4 weights, per-tensor weight scales,
+FP4 layers run :mod:`diffq.kernels.fp4_gemm` (``tl.dot_scaled``); an NVFP4 conv computes its
+activation tensor scale on its whole input (as the module's reference does) before im2col.
+
+Not fused (reference path): asymmetric (zero-point) weights, other FP4 block formats, NVFP4
+activations with split-shortcut segments (one tensor scale per segment), per-tensor weight scales,
 int4 group sizes other than 64 and 128,
 non-fp32 activation scale storage, split-shortcut activation scales (except group scales that
 tile every segment), and QuantConv2d with kh*kw > 1 under a *per-token*
@@ -38,6 +44,8 @@ from torch import nn
 
 from diffq.formats.floating import FP_MAX
 from diffq.kernels import dispatch as kd
+from diffq.kernels import fp4_dispatch as fd
+from diffq.kernels import fp4_layers
 from diffq.kernels.conv import conv2d_via_gemm, expand_channel_vector
 
 FusedForward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -45,6 +53,9 @@ FusedForward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 def _weight_kind(module: nn.Module) -> str | None:
     spec = module.wspec
+    fmt = fd.fp4_format(spec)
+    if fmt is not None and getattr(module, "wzero", None) is None:
+        return fmt if (getattr(module, "wscale_global", None) is not None) == (fmt == "nvfp4") else None
     if getattr(module, "wzero", None) is not None or getattr(module, "wscale_global", None) is not None:
         return None
     if spec.dtype == "int4" and spec.granularity == "group":
@@ -89,10 +100,13 @@ _QMAX = {"int8tok": 127.0, "fp8tok": FP_MAX["fp8_e4m3"]}
 
 
 def kernel_kind(module: nn.Module) -> str | None:
-    """Which kernel computes ``module``'s math ("w4a16", "w8a8", "w4a8", "w4a4", "fp8") or None."""
+    """Which kernel computes ``module``'s math ("w4a16", "w8a8", "w4a8", "w4a4", "fp8", "nvfp4",
+    "mxfp4") or None."""
     wk = _weight_kind(module)
     if wk is None:
         return None
+    if wk in fd.FP4_FORMATS:
+        return fp4_layers.fp4_kind(module, wk)
     group = module.wspec.group_size if wk == "int4g" else None
     ak = _act_kind(module, group)
     kind = _KINDS.get((wk, ak)) if ak is not None else None
@@ -114,7 +128,7 @@ def _static_scale(module: nn.Module, kind: str) -> torch.Tensor | None:
     return act.current_amax().reshape(1).float() / qmax
 
 
-_CACHE = "_diffq_kernels"
+_CACHE = fp4_layers.PLAN_CACHE
 
 
 def forget(module: nn.Module) -> None:
@@ -125,9 +139,7 @@ def forget(module: nn.Module) -> None:
     module.__dict__.pop("_diffq_fused", None)
 
 
-def _sources(module: nn.Module) -> tuple:
-    """The module tensors a plan is derived from (compared by identity on each call)."""
-    return (module.qweight, module.wscale, module.bias, module.smooth, module.lr_down, module.lr_up)
+_sources = fp4_layers.plan_sources
 
 
 def _plan(module: nn.Module, kind: str, device: torch.device) -> kd.LinearPlan:
@@ -236,7 +248,10 @@ def fused_forward(module: nn.Module, *, backend: str = "auto", device: torch.dev
         why = kd.triton_unavailable_reason(kind, torch.device(device) if device is not None else module.qweight.device, group)
         if why is not None:
             raise kd.KernelUnavailableError(f"fused_forward: backend='triton' cannot run: {why}")
-    rows = _reference_rows(kind) if backend == "reference" else _triton_rows(kind)
+    if kind in fd.FP4_FORMATS:
+        rows = fp4_layers.fp4_rows(kind, backend)
+    else:
+        rows = _reference_rows(kind) if backend == "reference" else _triton_rows(kind)
     if not hasattr(module, "kernel_size"):
         n_out = module.out_features
 
@@ -246,9 +261,12 @@ def fused_forward(module: nn.Module, *, backend: str = "auto", device: torch.dev
 
         return linear
 
+    nv_conv = kind == "nvfp4"
+
     def conv(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        amax = fp4_layers.input_amax(mod, x) if nv_conv else None
         y = conv2d_via_gemm(
-            x, lambda a: rows(mod, a),
+            x, (lambda a: rows(mod, a, amax)) if nv_conv else (lambda a: rows(mod, a)),
             kernel_size=mod.kernel_size, stride=mod.stride, padding=mod.padding, dilation=mod.dilation,
         )  # fmt: skip
         return y  # [B, N, Ho, Wo], channels-last strides (the GEMM's natural layout)
@@ -276,11 +294,15 @@ def kernel_route(module: nn.Module, capability: tuple[int, int] | None = None) -
     """Which computation runs ``module``'s forward on a CUDA GPU of ``capability`` (default: the
     current CUDA device, else sm_90), for reports such as ``QuantSummary``:
 
-    ``"triton w4a4 fp8-mma"``, ``"triton w8a8 int8-mma"``, ... or ``"reference (<why>)"`` when
+    ``"triton w4a4 fp8-mma"``, ``"triton w8a8 int8-mma"``, ``"triton nvfp4 fp4-mma"`` (sm_100 /
+    sm_120; ``bf16-mma`` below: Triton's dot_scaled emulation), ... or ``"reference (<why>)"`` when
     no kernel computes the module's quantization there. Pure function of the module's formats and
     the capability: no weights are touched."""
     kind = kernel_kind(module)
     if kind is None:
+        wk = _weight_kind(module)
+        if wk in fd.FP4_FORMATS:
+            return f"reference ({fp4_layers.unfused_reason(module, wk)})"
         return "reference (no kernel computes this quantization)"
     if capability is None:
         capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
@@ -290,6 +312,8 @@ def kernel_route(module: nn.Module, capability: tuple[int, int] | None = None) -
         return f"reference ({kind} needs sm_{need[0]}{need[1]}+)"
     if kind in ("w4a16", "w4a8", "w4a4") and module.wspec.group_size not in kd.INT4_GROUPS:
         return f"reference (group size {module.wspec.group_size} not in {kd.INT4_GROUPS})"
+    if kind in fd.FP4_FORMATS:
+        return f"triton {kind} {fd.fp4_route(cap)}"
     route = {"w4a16": "f16-mma", "w8a8": "int8-mma", "fp8": "fp8-mma", "w4a8": "int8-mma"}.get(kind)
     if kind == "w4a4":
         route = f"{kd.w4a4_route(cap)}-mma"

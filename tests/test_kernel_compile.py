@@ -1,12 +1,15 @@
 """Compile gate (offline, CPU): every Triton kernel x every tile its tables can pick x sm_80 /
-sm_89 / sm_90 compiles with Triton's bundled ptxas, spills nothing, fits the family's shared
-memory, and the default FLUX-shape tiles keep their predicted main-loop budgets. Also: the inline
+sm_89 / sm_90 (FP4 kernels also sm_100 / sm_120) compiles with Triton's bundled ptxas (and its
+Blackwell ptxas), spills nothing, fits the family's shared memory, is not a bare ``trap``, and the
+default FLUX-shape tiles keep their predicted main-loop budgets; FP4 main loops run on the
+block-scaled FP4 MMA of sm_100 (tcgen05) and sm_120 (mma.sync). Also: the inline
 PTX nibble decoders are executed on the CPU by a small PTX emulator and must agree with the
 pure-Triton formulas the interpreter runs; FP8 stays off sm_80.
 
 The compilation runs once per session in a subprocess (``python -m diffq.kernels.aot --gate``)
 with TRITON_INTERPRET unset and a temporary TRITON_CACHE_DIR (nothing cached outside the test's
-temporary directory), 2 processes; about 3 minutes on 2 CPU cores.
+temporary directory), 2 processes; about 3 minutes on 2 CPU cores, plus about a minute for the
+FP4 kernels on sm_100 / sm_120 / sm_90 / sm_89 / sm_80.
 
 The budget numbers below are static predictions from the compiled SASS (see
 :mod:`diffq.kernels.aot` for the model), not measurements.
@@ -248,11 +251,88 @@ def test_gate_no_build_spills(gate):
     assert not spills, spills
 
 
+#: shared memory a CTA may use per target (bytes): the int kernels' family limits, and Blackwell
+#: (sm_100 as H100; sm_120 consumer parts 99 KB like sm_89)
+SMEM_BY_CAP = {**{cap: autotune.SMEM_LIMIT[f] for f, cap in autotune.FAMILY_CAP.items()}, 100: 227 * 1024, 120: 99 * 1024}
+
+
 def test_gate_tiles_fit_shared_memory(gate):
     jobs, _ = gate
     over = [(r["name"], r["tile"], r["cap"], r["shared"]) for r in jobs
-            if r["ok"] and r["shared"] > autotune.SMEM_LIMIT[_family(r["cap"])]]  # fmt: skip
+            if r["ok"] and r["shared"] > SMEM_BY_CAP[r["cap"]]]  # fmt: skip
     assert not over, over
+
+
+def test_gate_no_build_compiles_to_a_bare_trap(gate):
+    jobs, _ = gate
+    traps = [(r["name"], r["tile"], r["cap"]) for r in jobs if r["ok"] and r["trap_only"]]
+    assert not traps, traps
+
+
+def test_trap_detector():
+    assert aot.trap_only(".visible .entry k(\n)\n{\n\ttrap;\n}")
+    assert not aot.trap_only(".visible .entry k(\n)\n{\n\tld.global.b32 %r1, [%rd1];\n\ttrap;\n}")
+
+
+# ------------------------------------------------------------------ FP4 (NVFP4 / MXFP4) on Blackwell
+
+
+def test_every_fp4_tile_is_gated():
+    from diffq.kernels.fp4_dispatch import FP4_F32_TILES, FP4_FAMILY_CAP, FP4_TILES
+
+    gated = {(b.tile, cap, b.name.startswith("nvfp4-fp32")) for b, cap in aot.gate_jobs() if b.kernel == "_fp4_gemm_kernel"}
+    for f32, table in ((False, FP4_TILES), (True, FP4_F32_TILES)):
+        for family, tiles in table.items():
+            for t in tiles:
+                assert (t.name(), FP4_FAMILY_CAP[family], f32) in gated, (family, t, f32)
+
+
+def _fp4(jobs: list[dict], cap: int) -> list[dict]:
+    return [r for r in jobs if r["kernel"] == "_fp4_gemm_kernel" and r["cap"] == cap]
+
+
+def test_gate_fp4_main_loops_use_block_scaled_fp4_mma(gate):
+    """sm_100: tcgen05 block-scaled MMA (NVFP4: kind::mxf4nvf4 block16 with E4M3 scales; MXFP4:
+    kind::mxf4 block32); sm_120: the block-scaled mma.sync m16n8k64; both in the main loop. Older
+    targets emulate dot_scaled on the bf16 tensor cores."""
+    jobs, _ = gate
+    kinds = {"nvfp4": "kind::mxf4nvf4.block_scale", "mxfp4": "kind::mxf4.block_scale"}
+    for r in _fp4(jobs, 100):
+        fmt = r["name"].split("-")[0]
+        assert r["mma_unit"] == "tcgen05" and r["mma"].startswith("UTCOMMA"), (r["name"], r["mma"])
+        want = kinds[fmt] + (".block16" if fmt == "nvfp4" else ".block32")
+        assert any(p.startswith("tcgen05.mma") and want in p for p in r["ptx_mma"]), (r["name"], r["ptx_mma"])
+        assert r["loop_ops"].get("UTCOMMA", 0) > 0, r["name"]
+    for r in _fp4(jobs, 120):
+        fmt = r["name"].split("-")[0]
+        assert r["mma"].startswith("OMMA.SF.16864") and r["mma_unit"] == "mma.sync", (r["name"], r["mma"])
+        scale = ".ue4m3" if fmt == "nvfp4" else ".ue8m0"
+        assert any(p.startswith("mma.sync.aligned.m16n8k64") and "block_scale" in p and p.endswith(scale)
+                   for p in r["ptx_mma"]), (r["name"], r["ptx_mma"])  # fmt: skip
+        assert r["loop_ops"].get("OMMA", 0) > 0, r["name"]
+    for cap in (90, 89, 80):
+        assert all(r["mma"].startswith(("HGMMA", "HMMA")) and ".BF16" in r["mma"] for r in _fp4(jobs, cap)), cap
+
+
+# Predicted issue / MMA cycles of the default FLUX tiles (a little above today's figures, so that a
+# regression fails): under 1 on Blackwell; the bf16 emulation on Hopper is about 2 (BENCHMARKS.md).
+FP4_ISSUE_BOUNDS = {100: 0.9, 120: 0.3, 90: 2.3}
+
+
+@pytest.mark.parametrize("cap", [100, 120, 90])
+def test_gate_fp4_default_tiles_budget(gate, cap):
+    from diffq.kernels.fp4_dispatch import FP4_FAMILY_CAP, pick_fp4_tile
+
+    jobs, _ = gate
+    family = {v: k for k, v in FP4_FAMILY_CAP.items()}[cap]
+    tile = pick_fp4_tile(family, aot.FLUX_SHAPE[0], aot.FLUX_SHAPE[2]).name()
+    for fmt in ("nvfp4", "mxfp4"):
+        hits = [r for r in _fp4(jobs, cap) if r["name"] == fmt and r["tile"] == tile]
+        assert hits, (fmt, cap, tile)
+        r = hits[0]
+        assert r["issue_ratio"] is not None and r["issue_ratio"] <= FP4_ISSUE_BOUNDS[cap], (fmt, cap, r["issue_ratio"])
+        if cap >= 100:  # tcgen05 is asynchronous; sm_120's tile keeps 8 warps per SM for mma.sync
+            assert r["overlap"] and r["xu_clk"] == 0, (fmt, cap, r["loop_ops"])
 
 
 def test_gate_fp8_does_not_compile_for_sm80(gate):

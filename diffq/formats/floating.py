@@ -57,9 +57,12 @@ def e4m3_scale(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def e8m0_scale(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 scales -> (uint8 biased exponents, their fp32 power-of-two values).
 
-    The exponent is rounded *up* (ceil(log2 s)) so that no element of the block saturates.
+    The exponent is rounded *up* (ceil(log2 s)) so that no element of the block saturates. It is
+    read exactly from the float's bits (``frexp``): ``torch.log2`` rounds ``log2`` of a value a few
+    ulps above a power of two down to that integer, which would pick a scale below ``s``.
     """
-    e = torch.ceil(torch.log2(s.clamp_min(2.0**E8M0_MIN_EXP))).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
+    mant, e = torch.frexp(s.float().clamp_min(2.0**E8M0_MIN_EXP))  # s = mant * 2^e, mant in [0.5, 1)
+    e = torch.where(mant == 0.5, e - 1, e).float().clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
     return (e + 127).to(torch.uint8), torch.exp2(e)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffq.errors import RecipeError
-from diffq.formats import NVFP4, QuantSpec
+from diffq.formats import MXFP4, NVFP4, QuantSpec
 from diffq.quantization.recipe import Recipe
 
 _INT8_CH = QuantSpec("int8", "channel")
@@ -48,6 +48,7 @@ PRESETS: dict[str, Recipe] = {
     ),
     "fp8": Recipe("fp8", weight=_FP8_CH, act=_FP8_TOK),
     "fp4": Recipe("fp4", weight=NVFP4, act=NVFP4),
+    "mxfp4": Recipe("mxfp4", weight=MXFP4, act=MXFP4),
     "mixed": Recipe("mixed", weight=None, bit_plan="plan.json"),
 }
 
@@ -64,6 +65,7 @@ DESCRIPTIONS = {
     "w4a4-svd-attn": "w4a4-svd plus quantized attention: INT8 Q·Kᵀ (block 64, K smoothed), FP8 E4M3 P·V",
     "fp8": "FP8 E4M3 weights (per channel) and activations (per token)",
     "fp4": "NVFP4: FP4 E2M1 with 16-element FP8 block scales, weights and activations",
+    "mxfp4": "MXFP4: FP4 E2M1 with 32-element power-of-two (E8M0) block scales, weights and activations",
     "mixed": "per-layer formats from a BitPlan (diffq.allocate); set bit_plan=PATH",
 }
 
