@@ -27,6 +27,8 @@ class CalibrationStats:
     splits: layers whose input is a [main, skip] channel concatenation -> widths.
     reservoirs: layer -> capped sample of real input rows per step (only when calibrate was asked
         for ``reservoir=N``; see :mod:`diffq.calibration.reservoir`).
+    patches: kh x kw conv layer -> capped sample of its im2col input patches per step (with
+        ``reservoir=N``), rows ``[kh·kw·Cin]`` in the stored weight's channel-fastest order.
     operands: ``"<attention>.q|k|v"`` -> statistics of attention's matmul operands (only with
         ``attention_operands=True``; see :mod:`diffq.calibration.operands`).
     structure: fingerprint of the denoiser's quantizable layers (names and shapes), checked
@@ -42,6 +44,7 @@ class CalibrationStats:
     meta: dict = field(default_factory=dict)
     reservoirs: dict[str, InputReservoir] = field(default_factory=dict)
     operands: dict[str, LayerStats] = field(default_factory=dict)
+    patches: dict[str, InputReservoir] = field(default_factory=dict)
 
     def observed_steps(self) -> list[int]:
         return [i for i, b in enumerate(self.step_buckets) if b >= 0]
@@ -55,6 +58,8 @@ class CalibrationStats:
             tensors.update(res.to_tensors(name))
         for name, st in self.operands.items():
             tensors.update(st.to_tensors(f"operand:{name}"))
+        for name, res in self.patches.items():
+            tensors.update(res.to_tensors(f"patch:{name}"))
         header = {
             "version": FORMAT_VERSION,
             "family": self.family,
@@ -66,6 +71,7 @@ class CalibrationStats:
             "meta": self.meta,
             "reservoirs": list(self.reservoirs),
             "operands": list(self.operands),
+            "patches": list(self.patches),
         }
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"diffq_calibration": json.dumps(header)})
@@ -92,6 +98,7 @@ class CalibrationStats:
             layers = {n: LayerStats.from_tensors(tensors, n) for n in header["layers"]}
             reservoirs = {n: InputReservoir.from_tensors(tensors, n) for n in header.get("reservoirs", [])}
             operands = {n: LayerStats.from_tensors(tensors, f"operand:{n}") for n in header.get("operands", [])}
+            patches = {n: InputReservoir.from_tensors(tensors, f"patch:{n}") for n in header.get("patches", [])}
         except KeyError as e:
             raise CheckpointError(f"calibration file {str(path)!r} misses tensor {e}; it is truncated") from e
         for n, st in layers.items():
@@ -107,6 +114,7 @@ class CalibrationStats:
             meta=header.get("meta", {}),
             reservoirs=reservoirs,
             operands=operands,
+            patches=patches,
         )
 
     def check_matches(self, structure: str, family: str) -> None:

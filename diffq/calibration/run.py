@@ -69,7 +69,9 @@ def calibrate(
         and an interrupted run with the same arguments resumes after the last finished batch.
     reservoir: also keep up to this many real input rows per layer and step, a uniform random
         sample (seeded by ``seed``; :mod:`diffq.calibration.reservoir`) for methods that need real
-        activations; 0 (default) keeps statistics only.
+        activations (GPTQ, the smoothing search); for kh x kw convs also their im2col patches
+        (``stats.patches``, at most :data:`PATCH_BUDGET` values per layer: GPTQ's exact conv Hessian);
+        0 (default) keeps statistics only.
     attention_operands: also record Q, K and V of every attention module (the operands of Q·Kᵀ and
         P·V; :mod:`diffq.calibration.operands`) into ``stats.operands``, per step, like layer inputs.
     Raises CalibrationError on an empty prompt list or a NaN/Inf input (naming layer and step).
@@ -94,10 +96,12 @@ def calibrate(
     all_prompts = [p for p in prompts for _ in range(images_per_prompt)]
     # the base weights are part of the identity: stats of another fine-tune must never be mixed in
     run_id = _run_id(all_prompts, num_inference_steps, guidance_scale, seed, batch_size, record_steps, height,
-                     width, weights_fingerprint(denoiser), reservoir, attention_operands)
+                     width, weights_fingerprint(denoiser), reservoir, attention_operands,
+                     "conv-patches" if reservoir else "")
     operand_mods = find_attention_operands(denoiser) if attention_operands else {}
     operand_stats: dict[str, LayerStats] = {}
     reservoirs: dict[str, InputReservoir] = {}
+    patches: dict[str, InputReservoir] = {}
     sampler = torch.Generator().manual_seed(seed)
     done = 0
     if checkpoint is not None:
@@ -112,6 +116,7 @@ def calibrate(
             )
         stats, step_buckets, done = prev.layers, prev.step_buckets, int(prev.meta.get("done", 0))
         reservoirs = prev.reservoirs
+        patches = prev.patches
         operand_stats = prev.operands
         if "sampler_state" in prev.meta:  # continue the same random stream as an uninterrupted run
             sampler.set_state(torch.tensor(prev.meta["sampler_state"], dtype=torch.uint8))
@@ -147,6 +152,12 @@ def calibrate(
                 if res is None:
                     res = reservoirs[name] = InputReservoir.empty(num_inference_steps, reservoir, rows.shape[-1])
                 res.update(step, rows, sampler)
+                if _has_patches(mod):
+                    pres = patches.get(name)
+                    if pres is None:
+                        pres = patches[name] = InputReservoir.empty(
+                            num_inference_steps, patch_capacity(reservoir, num_inference_steps, mod), _patch_width(mod))
+                    pres.update_patches(step, args[0], mod, sampler)
             step_buckets[step] = tracker.bucket
 
         return hook
@@ -186,6 +197,7 @@ def calibrate(
                 **({"sampler_state": sampler.get_state().tolist()} if reservoir else {}),
             },
             reservoirs=reservoirs,
+            patches=patches,
             operands=operand_stats,
         )
 
@@ -209,6 +221,24 @@ def calibrate(
     if len(result.meta["unobserved_layers"]) == len(layers):
         raise CalibrationError("no layer saw any input during calibration; is this the pipeline's denoiser?")
     return result
+
+
+#: values (rows x width x steps) a kh x kw conv's patch sample may hold: 64 MiB in float16
+PATCH_BUDGET = 32 * 2**20
+
+
+def _has_patches(mod: nn.Module) -> bool:
+    return (isinstance(mod, nn.Conv2d) and tuple(mod.kernel_size) != (1, 1) and mod.groups == 1
+            and isinstance(mod.padding, tuple) and mod.padding_mode == "zeros")
+
+
+def _patch_width(mod: nn.Conv2d) -> int:
+    return mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels
+
+
+def patch_capacity(reservoir: int, steps: int, mod: nn.Conv2d) -> int:
+    """Patches kept per step: ``reservoir``, fewer for wide convs so the sample stays within PATCH_BUDGET."""
+    return max(8, min(reservoir, PATCH_BUDGET // max(1, steps * _patch_width(mod))))
 
 
 def _run_id(*parts) -> str:
