@@ -26,7 +26,14 @@ from diffq.errors import CheckpointError, DiffqError
 from diffq.fingerprint import weights_fingerprint
 from diffq.formats import QTensor, QuantSpec, decode_scale, unpack_bits
 from diffq.io import atomic_path, write_json_atomic
-from diffq.modules import ActQuantizer, QuantConv2d, QuantLinear, quantized_modules, set_submodule
+from diffq.modules import (
+    ActQuantizer,
+    QuantConv2d,
+    QuantLinear,
+    ShiftedActQuantizer,
+    quantized_modules,
+    set_submodule,
+)
 from diffq.numerics import maybe_check_finite
 from diffq.pipelines.adapters import adapter_for
 from diffq.quantization.recipe import Recipe
@@ -201,10 +208,13 @@ def _rebuild(info: dict, buf: dict[str, torch.Tensor]) -> QuantLinear | QuantCon
         act = None
         if info.get("act"):
             a = info["act"]
-            act = ActQuantizer(
-                QuantSpec.from_dict(a["spec"]), splits=tuple(a["splits"]) if a["splits"] else None,
-                amax=buf.get("act.amax"), bucket_to_group=buf.get("act.bucket_to_group"),
-            )
+            kw = {"splits": tuple(a["splits"]) if a["splits"] else None, "amax": buf.get("act.amax"),
+                  "bucket_to_group": buf.get("act.bucket_to_group")}
+            aspec = QuantSpec.from_dict(a["spec"])
+            shift = buf.get("act.shift")
+            if shift is not None and shift.shape != (k_in,):
+                raise CheckpointError(f"activation shift has shape {tuple(shift.shape)}, expected ({k_in},)")
+            act = ActQuantizer(aspec, **kw) if shift is None else ShiftedActQuantizer(aspec, shift, **kw)
         dtype = getattr(torch, str(info["dtype"]), None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise CheckpointError(f"layer compute dtype {info['dtype']!r} is not a floating-point torch dtype")
