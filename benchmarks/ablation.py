@@ -41,8 +41,6 @@ OLD_SKIPS = "skip_roles=('embed','adanorm','io')"
 OLD_SVD = f"w4a4-svd:rounding=rtn,smooth_search=false,act=int4:g64,{OLD_SKIPS}"
 TABLES: dict[str, dict[str, str]] = {
     "methods": {
-        "w4a4 RTN (old 16-bit set)": f"w4a4:{OLD_SKIPS}",
-        "w4a4 RTN + reference 16-bit set": "w4a4",
         "w4a4-svd before issue 15": OLD_SVD,
         "+ reference 16-bit set": OLD_SVD + ",skip_roles=('embed','adanorm','io','shortcut','resample','proj')",
         "+ GPTQ": OLD_SVD + ",rounding=gptq",
@@ -53,11 +51,9 @@ TABLES: dict[str, dict[str, str]] = {
         "+ low-rank refit x3": OLD_SVD + ",lowrank_refit=3",
         "+ timestep balance": OLD_SVD + ",timestep_balance=true",
         "w4a4-svd (all of set, GPTQ, search, asym act)": "w4a4-svd",
-        "w4a4-svd - alpha search": "w4a4-svd:smooth_search=false",
-        "w4a4-svd + timestep balance": "w4a4-svd:timestep_balance=true",
-        "w4a4-svd + unsigned act (shifted)": "w4a4-svd:act_unsigned=true",
-        "w4a4-svd + low-rank refit x3": "w4a4-svd:lowrank_refit=3",
-        "w4a4-svd + asymmetric weights": "w4a4-svd:weight=uint4:g64",
+        "w4a4-svd + Hessian-weighted group clipping": "w4a4-svd:gptq_weighted_clip=true",
+        "w4a4 RTN (old 16-bit set)": f"w4a4:{OLD_SKIPS}",
+        "w4a4 RTN + reference 16-bit set": "w4a4",
     },
     "weights": {
         "w4a16 RTN (before issue 15)": "w4a16:rounding=rtn",
