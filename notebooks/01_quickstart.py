@@ -98,11 +98,14 @@ print(prompts)
 # `diffq.calibrate` runs the real pipeline (scheduler, classifier-free guidance batch) with hooks on
 # every quantizable layer and keeps, per layer and per denoising step, the channel-wise abs-max and a
 # histogram of activations. Presets with static activation ranges (`w8a8-static`) or smoothing
-# (`w4a4-svd`) need it; dynamic presets ignore it. The statistics can be saved with
-# `stats.save("calib.safetensors")` and reused for every recipe.
+# (`w4a4-svd`) need it; dynamic presets ignore it. GPTQ rounding (`w4a8`, `w4a16`, `w4a4-svd`) and
+# the per-layer smoothing search also need real input rows: `reservoir=N` keeps a uniform sample of
+# N rows per layer and step. The statistics can be saved with `stats.save("calib.safetensors")` and
+# reused for every recipe.
 
 # %%
-stats = diffq.calibrate(fp_pipe, prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, progress=False)
+stats = diffq.calibrate(fp_pipe, prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, reservoir=64,
+                        progress=False)
 print(f"{len(stats.layers)} layers, {len(stats.observed_steps())} steps recorded; timesteps {stats.step_buckets}")
 
 # %% [markdown]

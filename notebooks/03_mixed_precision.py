@@ -80,8 +80,12 @@ eval_prompts = prompts[:EVAL_PROMPTS]
 # `cache_dir` makes the analysis resumable: an interrupted run continues where it stopped.
 
 # %%
+# w4a8 rounds its weights with GPTQ, which needs real layer inputs: calibrate with a reservoir
+# (on prompts of their own, not the evaluation prompts)
+stats = diffq.calibrate(fp_pipe, prompts[-8:], num_inference_steps=STEPS, guidance_scale=GUIDANCE, reservoir=64,
+                        seed=10_000, progress=False)
 table = diffq.sensitivity(
-    fp_pipe, prompts=sens_prompts, candidates=CANDIDATES, groups="block",
+    fp_pipe, prompts=sens_prompts, candidates=CANDIDATES, groups="block", calibration=stats,
     quality=image_distance("ssim"),                 # quality: 1 - SSIM against the FP images
     scorer=digits_scorer(digits_clip()).per_image,  # alignment: digits-clip's CLIP score
     num_inference_steps=STEPS, guidance_scale=GUIDANCE, cache_dir=work / "sensitivity", progress=False,
@@ -159,9 +163,9 @@ rows = []
 for name, plan in [*((f"uniform {p}", uniform[p]) for p in CANDIDATES), *curve.items()]:
     pipe = load_pipe()
     if name.startswith("uniform"):
-        diffq.quantize(pipe, name.split()[1], progress=False)
+        diffq.quantize(pipe, name.split()[1], calibration=stats, progress=False)
     else:
-        diffq.quantize(pipe, "mixed", plan=plan, progress=False)
+        diffq.quantize(pipe, "mixed", plan=plan, calibration=stats, progress=False)
     imgs = generate(pipe, eval_prompts, seeds, **gen)
     rows.append({"config": name, "kind": name.split()[0], "avg bits": plan.realised["avg_bits"],
                  "1 - SSIM": 1 - float(ssim(imgs, ref).mean()),

@@ -28,7 +28,7 @@ def calibrated():
         if family not in cache:
             pipe = tiny_pipeline(family)
             prompts = _prompts(pipe)
-            stats = calibrate(pipe, prompts, num_inference_steps=STEPS, progress=False)
+            stats = calibrate(pipe, prompts, num_inference_steps=STEPS, progress=False, reservoir=16)
             ref = generate(pipe, prompts, [0, 1], num_inference_steps=STEPS)
             cache[family] = (pipe, stats, ref)
         return cache[family]

@@ -115,3 +115,34 @@ def test_attention_operands_recorded_per_step_and_saved(tmp_path):
     name = next(iter(stats.operands))
     assert torch.equal(back.operands[name].absmax, stats.operands[name].absmax)
     assert calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False).operands == {}
+
+
+def test_conv_patches_are_the_im2col_rows_of_the_stored_weight_layout():
+    """update_patches keeps real im2col patches (channel-fastest, like the stored conv weight rows), so
+    a kept patch times the weight rows is exactly that output pixel of the conv."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 3, 3, stride=2, padding=1, bias=False)
+    x = torch.randn(2, 5, 7, 9)
+    res = InputReservoir.empty(num_steps=1, capacity=6, channels=45)
+    res.update_patches(0, x, conv, torch.Generator().manual_seed(0))
+    kept = res.samples(0).float()
+    assert kept.shape == (6, 45) and int(res.count[0]) == 2 * 4 * 5
+    y = conv(x).permute(0, 2, 3, 1).reshape(-1, 3)  # every output pixel
+    w_rows = conv.weight.detach().permute(0, 2, 3, 1).reshape(3, -1)
+    got = kept @ w_rows.t()
+    # each kept patch reproduces one output pixel (fp16 storage of the patch aside)
+    dist = (got[:, None, :] - y[None, :, :]).abs().amax(-1).amin(1)
+    assert float(dist.max()) < 5e-3 * float(y.abs().max())
+
+
+def test_calibration_keeps_patches_of_kxk_convs_only(tmp_path):
+    pipe = tiny_pipeline("sd")
+    stats = calibrate(pipe, ["a cat"], num_inference_steps=2, reservoir=8, progress=False)
+    layers = quantizable_layers(pipe.unet)
+    assert stats.patches and set(stats.patches) <= set(stats.reservoirs)
+    for name, res in stats.patches.items():
+        m = layers[name]
+        assert m.kernel_size != (1, 1) and res.rows.shape[-1] == m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+    back = CalibrationStats.load(stats.save(tmp_path / "p.safetensors"))
+    name = next(iter(stats.patches))
+    assert torch.equal(back.patches[name].rows, stats.patches[name].rows)

@@ -8,6 +8,7 @@ from torch import nn
 
 import diffq.mixed.measure as sens_mod
 from diffq import quantize
+from diffq.calibration import calibrate
 from diffq.errors import CalibrationError, CheckpointError, RecipeError
 from diffq.eval import image_distance
 from diffq.generation import generate
@@ -45,9 +46,16 @@ def pipe():
 
 
 @pytest.fixture(scope="module")
-def cached(pipe, tmp_path_factory):
+def calib(pipe):
+    """w4a8 rounds with GPTQ, which needs calibration input rows."""
+    return calibrate(pipe, PROMPTS, num_inference_steps=2, guidance_scale=5.0, reservoir=16, progress=False)
+
+
+@pytest.fixture(scope="module")
+def cached(pipe, calib, tmp_path_factory):
     cache = tmp_path_factory.mktemp("sens")
-    table = sensitivity(pipe, groups="block_role", layers=LAYERS, scorer=brightness, cache_dir=cache, **KW)
+    table = sensitivity(pipe, groups="block_role", layers=LAYERS, scorer=brightness, cache_dir=cache,
+                        calibration=calib, **KW)
     return table, cache
 
 
@@ -82,7 +90,7 @@ def test_table_measures_every_unit_and_candidate(cached, pipe):
     assert isinstance(den.get_submodule(table.layers[0]), (nn.Linear, nn.Conv2d))
 
 
-def test_second_run_resumes_from_cache_and_computes_nothing(cached, pipe, monkeypatch):
+def test_second_run_resumes_from_cache_and_computes_nothing(cached, pipe, calib, monkeypatch):
     table, cache = cached
     calls = []
     real = sens_mod.generate
@@ -92,12 +100,13 @@ def test_second_run_resumes_from_cache_and_computes_nothing(cached, pipe, monkey
         return real(*a, **k)
 
     monkeypatch.setattr(sens_mod, "generate", counting)
-    again = sensitivity(pipe, groups="block_role", layers=LAYERS, scorer=brightness, cache_dir=cache, **KW)
+    again = sensitivity(pipe, groups="block_role", layers=LAYERS, scorer=brightness, cache_dir=cache,
+                        calibration=calib, **KW)
     assert calls == [] and again.meta["computed"] == 0
     assert again.raw == table.raw and again.layer_bytes == table.layer_bytes
 
 
-def test_interrupted_run_resumes(pipe, tmp_path, monkeypatch):
+def test_interrupted_run_resumes(pipe, calib, tmp_path, monkeypatch):
     real = sens_mod.generate
     state = {"n": 0}
 
@@ -107,7 +116,7 @@ def test_interrupted_run_resumes(pipe, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    kw = dict(KW, layers=r"^down_blocks\.0\.", scorer=brightness)
+    kw = dict(KW, layers=r"^down_blocks\.0\.", scorer=brightness, calibration=calib)
     monkeypatch.setattr(sens_mod, "generate", dies_after_four)
     with pytest.raises(KeyboardInterrupt):
         sensitivity(pipe, groups="block", cache_dir=tmp_path, **kw)
@@ -132,7 +141,7 @@ def test_save_load_and_rejudge(cached, tmp_path):
         table.with_judges({"*": ("beauty",)})
 
 
-def test_plan_quantizes_with_mixed_recipe(cached, tmp_path):
+def test_plan_quantizes_with_mixed_recipe(cached, calib, tmp_path):
     table, _ = cached
     fresh = tiny_pipeline("sd")
     uni = uniform_plan(table, fresh.unet, "w4a8")
@@ -144,7 +153,7 @@ def test_plan_quantizes_with_mixed_recipe(cached, tmp_path):
     assert plan.realised["avg_bits"] <= plan.budget
     assert {"w8a8", "w4a8"} & set(plan.assignments.values())
     path = plan.save(tmp_path / "plan.json")
-    summary = quantize(fresh, {"preset": "mixed", "bit_plan": str(path)}, progress=False)
+    summary = quantize(fresh, {"preset": "mixed", "bit_plan": str(path)}, calibration=calib, progress=False)
     got = {row.name: row for row in summary.layers}
     for name, cand in plan.assignments.items():
         if cand == DENSE:
@@ -169,23 +178,27 @@ def test_plots_write_pngs(cached, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
-def test_no_scorer_disables_alignment_with_a_warning(pipe):
+def test_no_scorer_disables_alignment_with_a_warning(pipe, calib):
     with pytest.warns(UserWarning, match="alignment metric disabled"):
-        t = sensitivity(pipe, groups="block", layers=r"^mid_block\.resnets\.0\.", **dict(KW, candidates=("w4a8",)))
+        t = sensitivity(pipe, groups="block", layers=r"^mid_block\.resnets\.0\.", calibration=calib,
+                        **dict(KW, candidates=("w4a8",)))
     assert t.metrics == ["quality"] and all(t.judged_by(u) == ("quality",) for u in t.units)
 
 
-def test_bad_arguments(pipe):
+def test_bad_arguments(pipe, calib):
     with pytest.raises(RecipeError, match="not a preset"):
         sensitivity(pipe, **dict(KW, candidates=("w3a3",)))
     with pytest.raises(CalibrationError, match="calibration"):
         sensitivity(pipe, **dict(KW, candidates=("w8a8-static",)))
+    bare = calibrate(pipe, PROMPTS[:1], num_inference_steps=2, guidance_scale=5.0, progress=False)
+    with pytest.raises(CalibrationError, match="reservoir="):  # GPTQ (w4a8) needs input rows
+        sensitivity(pipe, calibration=bare, **KW)
     with pytest.raises(RecipeError, match="seeds"):
         sensitivity(pipe, seeds=[1], **KW)
     with pytest.raises(RecipeError, match="metrics"):
         sensitivity(pipe, metrics=("speed",), **KW)
     with pytest.raises(RecipeError, match="groups"):
-        sensitivity(pipe, groups="layerwise", scorer=brightness, **KW)
+        sensitivity(pipe, groups="layerwise", scorer=brightness, calibration=calib, **KW)
     with pytest.raises(RecipeError, match=r"image_distance\('ssim'\)"):
         sensitivity(pipe, **dict(KW, quality=None))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class BenchConfig:
     guidance: float | None = None
     calib_prompts: int = 16
     calib_steps: int | None = None
+    reservoir: int = 256  # input rows per layer and step kept when a recipe needs them (GPTQ, α search)
     repeats: int = 3
     fid_images: int = 0
     grid_rows: int = 8
@@ -71,7 +73,10 @@ class RecipeResult:
     latency_spread_s: float | None = None
     step_ms: float | None = None
     peak_memory_bytes: int | None = None
-    quantize_s: float | None = None
+    quantize_s: float | None = None  # calibration included when the recipe needs it (shared: counted in each)
+    calibration_s: float | None = None
+    layers_quantized: int | None = None
+    layers_total: int | None = None
 
 
 @dataclass
@@ -101,6 +106,8 @@ class BenchResult:
                 "FID": _fmt(r.fid, 2),
                 "denoiser MiB (16-bit floats)": f"{r.denoiser_bytes / 2**20:.3f}",
                 "size vs bf16": f"{r.size_ratio:.2f}x",
+                "layers quantized": "-" if r.layers_quantized is None else f"{r.layers_quantized}/{r.layers_total}",
+                "quantize s (incl. calibration)": _fmt(r.quantize_s, 1),
                 _latency_header(repeats): _latency(r, repeats),
                 "ms/step": _fmt(r.step_ms, 1),
             })
@@ -213,21 +220,26 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     ref = generate(pipe, prompts, seeds, progress=cfg.progress, desc="generate fp", **gen_kw)
     fid_n = cfg.fid_images
     stats = None
-    if any(r not in REFERENCE and get_preset(r).needs_calibration for r in cfg.recipes):
+    calib_s = 0.0
+    quantized = [get_preset(r) for r in cfg.recipes if r not in REFERENCE]
+    if any(r.needs_calibration for r in quantized):
         calib = prompt_list(cfg.prompts, cfg.calib_prompts)
+        rows = cfg.reservoir if any(r.needs_reservoir for r in quantized) else 0
+        t0 = time.perf_counter()
         stats = calibrate(pipe, calib, num_inference_steps=cfg.calib_steps or steps,
-                          guidance_scale=guidance, seed=10_000, progress=cfg.progress)
+                          guidance_scale=guidance, seed=10_000, progress=cfg.progress, reservoir=rows)
+        calib_s = time.perf_counter() - t0
     rows, images_by_recipe = [], {}
     dense_bytes = module_bytes(adapter_for(pipe).denoiser(pipe), float_bits=16)
     for name in cfg.recipes:
-        import time
-
         p = pipe if name in REFERENCE else copy.deepcopy(pipe)
         res = RecipeResult(name)
         if name not in REFERENCE:
             t0 = time.perf_counter()
-            quantize(p, name, calibration=stats, progress=False)
-            res.quantize_s = time.perf_counter() - t0
+            summary = quantize(p, name, calibration=stats, progress=False)
+            res.calibration_s = calib_s if get_preset(name).needs_calibration else 0.0
+            res.quantize_s = time.perf_counter() - t0 + res.calibration_s
+            res.layers_quantized, res.layers_total = len(summary.quantized), len(summary.layers)
         den = adapter_for(p).denoiser(p)
         res.denoiser_bytes = module_bytes(den, float_bits=16)
         res.size_ratio = dense_bytes / max(res.denoiser_bytes, 1)

@@ -27,6 +27,8 @@ class CalibrationStats:
     splits: layers whose input is a [main, skip] channel concatenation -> widths.
     reservoirs: layer -> capped sample of real input rows per step (only when calibrate was asked
         for ``reservoir=N``; see :mod:`diffq.calibration.reservoir`).
+    patches: kh x kw conv layer -> capped sample of its im2col input patches per step (with
+        ``reservoir=N``), rows ``[kh·kw·Cin]`` in the stored weight's channel-fastest order.
     operands: ``"<attention>.q|k|v"`` -> statistics of attention's matmul operands (only with
         ``attention_operands=True``; see :mod:`diffq.calibration.operands`).
     attention_error: attention module -> fp64 [T, F, 2]: per step and per format of
@@ -46,6 +48,7 @@ class CalibrationStats:
     meta: dict = field(default_factory=dict)
     reservoirs: dict[str, InputReservoir] = field(default_factory=dict)
     operands: dict[str, LayerStats] = field(default_factory=dict)
+    patches: dict[str, InputReservoir] = field(default_factory=dict)
     attention_error: dict[str, torch.Tensor] = field(default_factory=dict)
     attention_formats: list[str] = field(default_factory=list)
 
@@ -78,6 +81,8 @@ class CalibrationStats:
             tensors.update(st.to_tensors(f"operand:{name}"))
         for name, t in self.attention_error.items():
             tensors[f"attn_error:{name}"] = t.contiguous()
+        for name, res in self.patches.items():
+            tensors.update(res.to_tensors(f"patch:{name}"))
         header = {
             "version": FORMAT_VERSION,
             "family": self.family,
@@ -91,6 +96,7 @@ class CalibrationStats:
             "operands": list(self.operands),
             "attention_error": list(self.attention_error),
             "attention_formats": list(self.attention_formats),
+            "patches": list(self.patches),
         }
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"diffq_calibration": json.dumps(header)})
@@ -118,6 +124,7 @@ class CalibrationStats:
             reservoirs = {n: InputReservoir.from_tensors(tensors, n) for n in header.get("reservoirs", [])}
             operands = {n: LayerStats.from_tensors(tensors, f"operand:{n}") for n in header.get("operands", [])}
             attention_error = {n: tensors[f"attn_error:{n}"] for n in header.get("attention_error", [])}
+            patches = {n: InputReservoir.from_tensors(tensors, f"patch:{n}") for n in header.get("patches", [])}
         except KeyError as e:
             raise CheckpointError(f"calibration file {str(path)!r} misses tensor {e}; it is truncated") from e
         for n, st in layers.items():
@@ -139,6 +146,7 @@ class CalibrationStats:
             operands=operands,
             attention_error=attention_error,
             attention_formats=formats,
+            patches=patches,
         )
 
     def check_matches(self, structure: str, family: str) -> None:

@@ -77,7 +77,9 @@ def calibrate(
         and an interrupted run with the same arguments resumes after the last finished batch.
     reservoir: also keep up to this many real input rows per layer and step, a uniform random
         sample (seeded by ``seed``; :mod:`diffq.calibration.reservoir`) for methods that need real
-        activations; 0 (default) keeps statistics only.
+        activations (GPTQ, the smoothing search); for kh x kw convs also their im2col patches
+        (``stats.patches``, at most :data:`PATCH_BUDGET` values per layer: GPTQ's exact conv Hessian);
+        0 (default) keeps statistics only.
     attention_operands: also record Q, K and V of every attention module (the operands of Q·Kᵀ and
         P·V; :mod:`diffq.calibration.operands`) into ``stats.operands``, per step, like layer inputs,
         and the relative L2 error of each attention module's output under every quantized attention
@@ -105,7 +107,8 @@ def calibrate(
     # the base weights are part of the identity: stats of another fine-tune must never be mixed in
     extra_id = [sorted(pipeline_kwargs.items())] if pipeline_kwargs else []  # older run ids stay valid
     run_id = _run_id(all_prompts, num_inference_steps, guidance_scale, seed, batch_size, record_steps, height,
-                     width, weights_fingerprint(denoiser), reservoir, attention_operands, *extra_id)
+                     width, weights_fingerprint(denoiser), reservoir, attention_operands,
+                     *(["conv-patches"] if reservoir else []), *extra_id)
     operand_mods = find_attention_operands(denoiser) if attention_operands else {}
     probe_formats = default_probe_formats() if attention_operands else {}
     run = _Run(record_steps)
@@ -155,6 +158,12 @@ def calibrate(
                 if res is None:
                     res = run.reservoirs[name] = InputReservoir.empty(len(run.steps), reservoir, rows.shape[-1])
                 res.update(run.step, rows, sampler)
+                if _has_patches(mod):
+                    pres = run.patches.get(name)
+                    if pres is None:
+                        pres = run.patches[name] = InputReservoir.empty(
+                            len(run.steps), patch_capacity(reservoir, len(run.steps), mod), _patch_width(mod))
+                    pres.update_patches(run.step, args[0], mod, sampler)
 
         return hook
 
@@ -206,6 +215,7 @@ def calibrate(
                 **({"sampler_state": sampler.get_state().tolist()} if reservoir else {}),
             },
             reservoirs=run.reservoirs,
+            patches=run.patches,
             operands=run.operands,
             attention_error=run.attention_error,
             attention_formats=list(probe_formats),
@@ -246,6 +256,7 @@ class _Run:
         self.step_buckets: list[int] = []
         self.stats: dict[str, LayerStats] = {}
         self.reservoirs: dict[str, InputReservoir] = {}
+        self.patches: dict[str, InputReservoir] = {}
         self.operands: dict[str, LayerStats] = {}
         self.attention_error: dict[str, torch.Tensor] = {}  # [steps, formats, (err², ref²)] per module
         self.step: int | None = None
@@ -254,7 +265,7 @@ class _Run:
 
     def resume(self, prev: CalibrationStats) -> None:
         self.stats, self.reservoirs, self.operands = prev.layers, prev.reservoirs, prev.operands
-        self.attention_error = prev.attention_error
+        self.attention_error, self.patches = prev.attention_error, prev.patches
         self.step_buckets = list(prev.step_buckets)
         if "step_timesteps" in prev.meta:
             self._set_steps(StepMap(tuple(prev.meta["step_timesteps"])))
@@ -290,6 +301,24 @@ class _Run:
         self.step = step if step in self.recorded else None
         if self.step is not None:
             self.step_buckets[step] = self.bucket
+
+
+#: values (rows x width x steps) a kh x kw conv's patch sample may hold: 64 MiB in float16
+PATCH_BUDGET = 32 * 2**20
+
+
+def _has_patches(mod: nn.Module) -> bool:
+    return (isinstance(mod, nn.Conv2d) and tuple(mod.kernel_size) != (1, 1) and mod.groups == 1
+            and isinstance(mod.padding, tuple) and mod.padding_mode == "zeros")
+
+
+def _patch_width(mod: nn.Conv2d) -> int:
+    return mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels
+
+
+def patch_capacity(reservoir: int, steps: int, mod: nn.Conv2d) -> int:
+    """Patches kept per step: ``reservoir``, fewer for wide convs so the sample stays within PATCH_BUDGET."""
+    return max(8, min(reservoir, PATCH_BUDGET // max(1, steps * _patch_width(mod))))
 
 
 def _run_id(*parts) -> str:

@@ -128,6 +128,36 @@ def decode_scale(stored: torch.Tensor, spec: QuantSpec, global_scale: torch.Tens
     return s
 
 
+def range_grid(
+    spec: QuantSpec, hi: torch.Tensor, lo: torch.Tensor | None = None, global_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The grid covering a range per scale group: (effective fp32 scale, stored scale, zero or None,
+    NVFP4 global scale or None), all of the shape of ``hi`` (any shape: a stack of candidate ranges
+    works too).
+
+    hi: the abs-max (symmetric and FP formats) or the upper end of the range (unsigned formats, which
+    also take ``lo``, both containing 0). global_scale: the NVFP4 per-tensor scale to use; by default
+    ``max(hi) / (6 * 448)``, so that the block scales use E4M3's range.
+    """
+    if spec.is_int and not spec.symmetric:
+        qlo, qhi = int_range(spec)
+        stored, scale = store_scale(((hi - lo) / (qhi - qlo)).float(), spec)
+        zero = torch.round(-lo.float() / scale).clamp(qlo, qhi)
+        return scale, stored, zero, None
+    if spec.is_int:
+        stored, scale = store_scale(hi / int_range(spec)[1], spec)
+        return scale, stored, None, None
+    fmax = floating.FP_MAX[spec.dtype]
+    raw = hi / fmax
+    if spec.scale_dtype != "e4m3":
+        stored, scale = store_scale(raw, spec)
+        return scale, stored, None, None
+    if global_scale is None:
+        global_scale = (hi.amax() / (fmax * 448.0)).clamp_min(SCALE_MIN).reshape(1)
+    stored, scale = store_scale(raw / global_scale, spec)
+    return scale * global_scale, stored, None, global_scale
+
+
 def quantize(
     x: torch.Tensor,
     spec: QuantSpec,
@@ -157,8 +187,6 @@ def quantize(
         codes = torch.empty((r, c), dtype=_code_dtype(spec), device=x.device)
         return QTensor(codes, empty_scale, spec, x.shape, scale_stored=empty_scale)
 
-    zero = None
-    global_scale = None
     if spec.is_int and not spec.symmetric:
         if amax is not None:
             a = _fit(torch.as_tensor(amax, dtype=torch.float64, device=x.device), xg)
@@ -169,39 +197,16 @@ def quantize(
         if clip_ratio is not None:
             cr = _fit(torch.as_tensor(clip_ratio, dtype=torch.float64, device=x.device), xg)
             lo, hi = lo * cr, hi * cr
-        qlo, qhi = int_range(spec)
-        scale_f = ((hi - lo) / (qhi - qlo)).float()
-        stored, scale = store_scale(scale_f, spec)
-        zero = torch.round(-lo.float() / scale).clamp(qlo, qhi)
-        q = torch.round(xg / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
-        codes = q.clamp(qlo, qhi).to(torch.uint8)
     else:
+        lo = None
         if amax is None:
-            a = xg.abs().amax(-1)
+            hi = xg.abs().amax(-1)
         else:
-            a = _fit(torch.as_tensor(amax, dtype=torch.float32, device=x.device), xg).float()
+            hi = _fit(torch.as_tensor(amax, dtype=torch.float32, device=x.device), xg).float()
         if clip_ratio is not None:
-            a = a * _fit(torch.as_tensor(clip_ratio, dtype=torch.float32, device=x.device), xg)
-        if spec.is_int:
-            qlo, qhi = int_range(spec)
-            stored, scale = store_scale(a / qhi, spec)
-            codes = torch.round(xg / scale.unsqueeze(-1)).clamp(qlo, qhi).to(torch.int8)
-        else:
-            fmax = floating.FP_MAX[spec.dtype]
-            raw = a / fmax
-            if spec.scale_dtype == "e4m3":
-                # NVFP4: per-tensor fp32 scale so that block scales use E4M3's range
-                global_scale = (a.amax() / (fmax * 448.0)).clamp_min(SCALE_MIN).reshape(1)
-                stored, scale = store_scale(raw / global_scale, spec)
-                scale = scale * global_scale
-            else:
-                stored, scale = store_scale(raw, spec)
-            y = xg / scale.unsqueeze(-1)
-            if spec.dtype == "fp4_e2m1":
-                codes = floating.e2m1_encode(y)
-            else:
-                codes = floating.round_fp8(y, spec.dtype)
-    codes = _ungroup(codes, r, c)
+            hi = hi * _fit(torch.as_tensor(clip_ratio, dtype=torch.float32, device=x.device), xg)
+    scale, stored, zero, global_scale = range_grid(spec, hi, lo)
+    codes = _ungroup(encode(xg, scale.unsqueeze(-1), spec, None if zero is None else zero.unsqueeze(-1)), r, c)
     return QTensor(codes, scale, spec, x.shape, zero=zero, scale_stored=stored, global_scale=global_scale)
 
 
@@ -213,6 +218,67 @@ def _fit(t: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
         raise FormatError(
             f"range of shape {tuple(t.shape)} does not broadcast to the scale shape {tuple(xg.shape[:2])}"
         ) from e
+
+
+def encode(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes of ``x`` on the grid of effective ``scale`` (and integer-valued ``zero`` for unsigned
+    formats), elementwise with broadcasting: the one rounding rule of every format (round half to
+    even, saturate at the format's range)."""
+    if spec.is_int:
+        qlo, qhi = int_range(spec)
+        if not spec.symmetric:
+            return (torch.round(x / scale) + zero).clamp(qlo, qhi).to(torch.uint8)
+        return torch.round(x / scale).clamp(qlo, qhi).to(torch.int8)
+    if spec.dtype == "fp4_e2m1":
+        return floating.e2m1_encode(x / scale)
+    return floating.round_fp8(x / scale, spec.dtype)
+
+
+def grid_values(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """``dequantize(encode(x, scale, spec, zero))`` in fp32 without materialising codes: the value
+    each element rounds to (what error-feedback and clip searches need, column by column or for a
+    stack of candidate grids). Same broadcasting as :func:`encode`."""
+    y = torch.div(x.float(), scale)  # a new tensor: the rest works in place on it
+    if spec.is_int:
+        qlo, qhi = int_range(spec)
+        if not spec.symmetric:
+            return y.round_().add_(zero).clamp_(qlo, qhi).sub_(zero).mul_(scale)
+        return y.round_().clamp_(qlo, qhi).mul_(scale)
+    if spec.dtype == "fp4_e2m1":
+        return floating.e2m1_round(y).mul_(scale)
+    return floating.round_fp8(y, spec.dtype).float().mul_(scale)
+
+
+def expand_grid(q: QTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The grid of ``q`` per element: (effective scale [R, C] fp32, zero point [R, C] or None).
+
+    Any reshape or column permutation of the weight can be applied to these as well, which is how
+    GPTQ keeps the grid fixed while it reorders columns or splits conv taps."""
+    r, c = q.codes.shape
+    spec = q.spec
+
+    def full(t: torch.Tensor) -> torch.Tensor:
+        if spec.granularity == "tensor":
+            return t.reshape(1, 1).expand(r, c).contiguous()
+        if spec.granularity == "group":
+            return t.repeat_interleave(spec.group_size, dim=1).expand(r, c).contiguous()
+        return t.reshape(-1, 1).expand(r, c).contiguous()
+
+    return full(q.scale.float()), None if q.zero is None else full(q.zero.float())
+
+
+def requantize(q: QTensor, x: torch.Tensor) -> QTensor:
+    """Codes of ``x`` (same shape as ``q``) on ``q``'s grid: same scales, zero points and global scale.
+
+    Used after error-compensating rounding (GPTQ), whose values already lie on that grid."""
+    _check_finite(x)
+    x2 = _as_rows(x.detach().float(), q.spec)
+    r, c = x2.shape
+    xg = _grouped(x2, q.spec)
+    zero = None if q.zero is None else q.zero.unsqueeze(-1)
+    codes = _ungroup(encode(xg, q.scale.unsqueeze(-1), q.spec, zero), r, c)
+    return QTensor(codes, q.scale, q.spec, q.shape, zero=q.zero, scale_stored=q.scale_stored,
+                   global_scale=q.global_scale)
 
 
 def _code_dtype(spec: QuantSpec) -> torch.dtype:

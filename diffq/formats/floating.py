@@ -26,16 +26,26 @@ def round_fp8(x: torch.Tensor, dtype: str) -> torch.Tensor:
     return x.clamp(-m, m).to(FP8_DTYPES[dtype])
 
 
+def e2m1_round(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values (already divided by the scale) -> the nearest E2M1 value, ties to the even
+    mantissa, saturating at +-6.
+
+    Arithmetic instead of a table search: the grid has step 0.5 below 2, 1 in [2, 4) and 2 from 4
+    on, and round-half-to-even of ``|x| / step`` is the even-mantissa tie rule in each range
+    (tests/test_formats.py checks it against a nearest-point search on every boundary and tie)."""
+    mag = x.abs().clamp(max=6.0)
+    step = torch.where(mag < 2.0, 0.5, torch.where(mag < 4.0, 1.0, 2.0))
+    return torch.copysign(torch.round(mag / step) * step, x)
+
+
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     """fp32 values (already divided by the scale) -> uint8 sign-magnitude codes 0..15, saturating at 6."""
-    mag = x.abs().clamp(max=6.0)
-    mids = _E2M1_MIDS.to(x.device)
-    lower = torch.bucketize(mag, mids, right=False)
-    upper = torch.bucketize(mag, mids, right=True)
-    tie = upper != lower
-    idx = torch.where(tie & (lower % 2 == 1), upper, lower)
-    sign = (x < 0) & (idx > 0)
-    return (idx | (sign.to(idx.dtype) << 3)).to(torch.uint8)
+    r = e2m1_round(x)
+    mag = r.abs()
+    # magnitude index: 0, .5, 1, 1.5 -> 0..3; 2, 3 -> 4, 5; 4, 6 -> 6, 7
+    idx = torch.where(mag < 2.0, mag * 2.0, torch.where(mag < 4.0, mag + 2.0, mag * 0.5 + 4.0)).to(torch.uint8)
+    sign = ((x < 0) & (idx > 0)).to(torch.uint8)
+    return idx | (sign << 3)
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:

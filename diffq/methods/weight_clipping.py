@@ -8,49 +8,87 @@ from __future__ import annotations
 
 import torch
 
-from diffq.formats import QuantSpec, dequantize, quantize
+from diffq.formats import QuantSpec, grid_values, range_grid
+from diffq.methods.threads import one_thread
 
 CLIP_METHODS = ("minmax", "mse", "percentile")
 MSE_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5
 
 
-def mse_clip_ratio(w: torch.Tensor, spec: QuantSpec, grid: tuple[float, ...] = MSE_GRID) -> torch.Tensor:
+#: elements of one candidate-stacked chunk: small enough to stay in a CPU core's cache while all
+#: candidates run (on a GPU, large enough to fill it)
+CHUNK_ELEMENTS = 1 << 18
+GPU_CHUNK_ELEMENTS = 1 << 26
+
+
+def mse_clip_ratio(
+    w: torch.Tensor, spec: QuantSpec, grid: tuple[float, ...] = MSE_GRID, importance: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-scale-group clip ratio in ``grid`` minimising the group's squared error.
 
-    Coarse to fine (10 quantization passes instead of 21 for the default grid): every 4th grid
-    point first, then the grid points within two steps of each group's best coarse ratio. The
-    error curve of a group is close to unimodal in the ratio, so this lands on the exhaustive
-    optimum or next to it (tests/test_formats.py compares both), at half the cost, which matters
-    for SD1.5-size models on a CPU.
+    Coarse to fine: every 4th grid point first, then the grid points within two steps of each
+    group's best coarse ratio (10 candidates instead of 21 for the default grid). The error curve of
+    a group is close to unimodal in the ratio, so this lands on the exhaustive optimum or next to it
+    (tests/test_formats.py compares both). Each pass evaluates all its candidates at once on a chunk
+    of rows (one candidate-stacked tensor of at most ``CHUNK_ELEMENTS``), so the work is a few large
+    tensor ops per chunk, on ``w``'s device, with the exact scale rule of
+    :func:`diffq.formats.range_grid` (fp16 / E4M3 scale rounding included).
 
-    w: [R, C] float. Returns ratios broadcastable to the scale shape ``[R|1, groups|1]``.
+    w: [R, C] float; importance: optional per-column weights [C] of the squared error (e.g. the
+    diagonal of the input Hessian: output error instead of weight error). Returns ratios
+    broadcastable to the scale shape ``[R|1, groups|1]``.
     """
     w = w.float()
-    grid_t = torch.tensor(grid, dtype=torch.float32)
+    xg = _grouped(w, spec)  # [R', G, g]
+    imp = None
+    if importance is not None:
+        if spec.granularity == "tensor":
+            raise ValueError("per-column importance needs per-row or per-group scales, not one per tensor")
+        imp = importance.float().reshape(1, xg.shape[1], xg.shape[2])
+    grid_t = torch.tensor(grid, dtype=torch.float32, device=w.device)
     coarse = grid_t[::4]
-    best_err, best_ratio = _search(w, spec, [torch.full((), float(r)) for r in coarse])
     step = float(grid_t[0] - grid_t[1]) if len(grid_t) > 1 else 0.0
-    lo, hi = float(grid_t.min()), float(grid_t.max())
-    fine = [(best_ratio + k * step).clamp(lo, hi) for k in (-2, -1, 1, 2)]
-    err, ratio = _search(w, spec, fine)
-    better = err < best_err
-    return torch.where(better, ratio, best_ratio)
+    lo_g, hi_g = float(grid_t.min()), float(grid_t.max())
+    if spec.is_int and not spec.symmetric:
+        lo, hi = xg.amin(-1).clamp(max=0), xg.amax(-1).clamp(min=0)
+    else:
+        lo, hi = None, xg.abs().amax(-1)
+    # NVFP4: one global scale for every candidate (that of the unclipped tensor)
+    gscale = range_grid(spec, hi, lo)[3]
+    out = torch.empty(xg.shape[:2], dtype=torch.float32, device=w.device)
+    cpu = w.device.type == "cpu"
+    rows = max(1, (CHUNK_ELEMENTS if cpu else GPU_CHUNK_ELEMENTS) // max(1, len(coarse) * xg.shape[1] * xg.shape[2]))
+    with one_thread(w.device):  # cache-sized chunks: serial (see diffq.methods.threads)
+        for i in range(0, xg.shape[0], rows):
+            sl = slice(i, i + rows)
+            x = xg[sl]
+            lo_c = None if lo is None else lo[sl]
+            cand = coarse.reshape(-1, 1, 1).expand(len(coarse), *x.shape[:2])
+            err, ratio = _best(x, spec, hi[sl], lo_c, cand, gscale, imp)
+            fine = torch.stack([(ratio + k * step).clamp(lo_g, hi_g) for k in (-2, -1, 1, 2)])
+            err_f, ratio_f = _best(x, spec, hi[sl], lo_c, fine, gscale, imp)
+            out[sl] = torch.where(err_f < err, ratio_f, ratio)
+    return out
 
 
-def _search(w: torch.Tensor, spec: QuantSpec, ratios: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best (per-group squared error, ratio) over candidate ``ratios`` (scalars or per-group)."""
-    best_err = best_ratio = None
-    for r in ratios:
-        q = quantize(w, spec, clip_ratio=r if r.dim() else float(r))
-        err = _per_group((dequantize(q) - w).pow(2), spec)
-        r_full = r.expand_as(err) if r.dim() else torch.full_like(err, float(r))
-        if best_err is None:
-            best_err, best_ratio = err, r_full.clone()
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_ratio = torch.where(better, r_full, best_ratio)
-    return best_err, best_ratio
+def _best(x: torch.Tensor, spec: QuantSpec, hi: torch.Tensor, lo: torch.Tensor | None, ratios: torch.Tensor,
+          gscale: torch.Tensor | None, imp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [r, G, g], ranges [r, G], candidate ratios [K, r, G] -> (best error, its ratio), each [r, G]."""
+    scale, _, zero, _ = range_grid(spec, hi * ratios, None if lo is None else lo * ratios, gscale)
+    v = grid_values(x, scale.unsqueeze(-1), spec, None if zero is None else zero.unsqueeze(-1))
+    err = v.sub_(x).square_()
+    err = (err if imp is None else err.mul_(imp)).sum(-1)  # [K, r, G]
+    best = err.argmin(0, keepdim=True)
+    return err.gather(0, best)[0], ratios.gather(0, best)[0]
+
+
+def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    r, c = w.shape
+    if spec.granularity == "tensor":
+        return w.reshape(1, 1, r * c)
+    if spec.granularity == "group":
+        return w.reshape(r, c // spec.group_size, spec.group_size)
+    return w.reshape(r, 1, c)
 
 
 def percentile_clip_ratio(w: torch.Tensor, spec: QuantSpec, percentile: float) -> torch.Tensor:
@@ -63,24 +101,21 @@ def percentile_clip_ratio(w: torch.Tensor, spec: QuantSpec, percentile: float) -
 
 
 def _grouped_abs(a: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    r, c = a.shape
-    if spec.granularity == "tensor":
-        return a.reshape(1, 1, r * c)
-    if spec.granularity == "group":
-        return a.reshape(r, c // spec.group_size, spec.group_size)
-    return a.reshape(r, 1, c)
+    return _grouped(a, spec)
 
 
 def _per_group(err: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return _grouped_abs(err, spec).sum(-1)
 
 
-def clip_ratio_for(w: torch.Tensor, spec: QuantSpec, method: str, percentile: float = 99.9) -> torch.Tensor | None:
+def clip_ratio_for(
+    w: torch.Tensor, spec: QuantSpec, method: str, percentile: float = 99.9, importance: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """Dispatch on the recipe's clip method; ``None`` means min-max (no clipping)."""
     if method == "minmax":
         return None
     if method == "mse":
-        return mse_clip_ratio(w, spec)
+        return mse_clip_ratio(w, spec, importance=importance)
     if method == "percentile":
         return percentile_clip_ratio(w, spec, percentile)
     raise ValueError(f"unknown clip method {method!r}; use one of {CLIP_METHODS}")

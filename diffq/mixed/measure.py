@@ -146,8 +146,14 @@ def _check_arguments(prompts, seeds, metrics, candidates, calibration, quality, 
             names = [p for p in PRESETS if p != "mixed"]
             raise RecipeError(f"candidate {c!r} is not a preset; candidates are preset names from {names} or 'fp16'")
         if PRESETS[c].needs_calibration and calibration is None:
+            rows = ", reservoir=256" if PRESETS[c].needs_reservoir else ""
             raise CalibrationError(
-                f"candidate {c!r} needs calibration statistics; pass calibration=diffq.calibrate(pipe, prompts)"
+                f"candidate {c!r} needs calibration statistics; pass calibration=diffq.calibrate(pipe, prompts{rows})"
+            )
+        if PRESETS[c].needs_reservoir and not calibration.reservoirs:
+            raise CalibrationError(
+                f"candidate {c!r} rounds with GPTQ / searches the smoothing strength, which needs calibration input "
+                f"rows; calibrate with diffq.calibrate(pipe, prompts, reservoir=256)"
             )
     if not cands:
         raise RecipeError("no candidates to measure; pass e.g. candidates=('w8a8', 'w4a8')")

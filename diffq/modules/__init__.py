@@ -4,6 +4,7 @@ layers of a denoiser are quantizable; the timestep tracker the activation quanti
 from diffq.modules.activation import ActQuantizer
 from diffq.modules.layers import in_out, quantizable_layers, quantized_modules, structure_fingerprint
 from diffq.modules.quant_linear import QuantConv2d, QuantLinear, conv_weight_rows
+from diffq.modules.shifted_activation import ShiftedActQuantizer
 from diffq.modules.swap import set_submodule
 from diffq.modules.timestep import NUM_BUCKETS, TimestepTracker, register_timestep_hook
 
@@ -12,6 +13,7 @@ __all__ = [
     "ActQuantizer",
     "QuantConv2d",
     "QuantLinear",
+    "ShiftedActQuantizer",
     "TimestepTracker",
     "conv_weight_rows",
     "in_out",

@@ -86,13 +86,16 @@ def _summaries(choices: list[LayerChoice], built: dict[str, nn.Module], before: 
 def text_encoder_recipe(recipe: Recipe) -> Recipe:
     """What the text encoders get: the recipe's weight and activation formats (a static activation
     format becomes dynamic per-token scales of the same type: text encoders are not calibrated), no
-    smoothing, no low-rank branch, no role or pattern skips."""
+    smoothing, no low-rank branch, round-to-nearest (GPTQ needs calibration rows), no role or
+    pattern skips."""
     act = recipe.act
     if act is not None and recipe.act_static:
         act = replace(act, granularity="token", group_size=None)
     return replace(
         recipe, name=f"{recipe.name}:text", act=act, act_static=False, smooth_alpha=None, rank=0,
         split_shortcut=False, skip_roles=(), skip_patterns=(), include_patterns=(), bit_plan=None,
+        smooth_search=False, rank_ratio=None, lowrank_refit=0, rounding="rtn", act_unsigned=False,
+        timestep_balance=False,
     )
 
 
@@ -100,6 +103,33 @@ def _needs_calibration(recipe: Recipe, layer_plan: dict[str, str] | None) -> boo
     if recipe.needs_calibration:
         return True
     return layer_plan is not None and any(p in PRESETS and PRESETS[p].needs_calibration for p in set(layer_plan.values()))
+
+
+#: input rows per layer and step that quantize() keeps when it calibrates for a recipe that needs them
+DEFAULT_RESERVOIR = 256
+
+
+def _needs_reservoir(recipe: Recipe, layer_plan: dict[str, str] | None) -> bool:
+    if recipe.needs_reservoir:
+        return True
+    return layer_plan is not None and any(p in PRESETS and PRESETS[p].needs_reservoir for p in set(layer_plan.values()))
+
+
+def _check_rows(choices: list[LayerChoice], calibration: CalibrationStats | None) -> None:
+    """Refuse before any layer is swapped when a layer needs calibration rows that are missing."""
+    missing = [
+        c.name for c in choices
+        if c.skip is None and c.recipe.needs_reservoir
+        and (calibration is None or c.name not in calibration.reservoirs
+             or int(calibration.reservoirs[c.name].count.sum()) == 0)
+    ]
+    if missing:
+        what = "GPTQ" if any(c.recipe.rounding == "gptq" for c in choices if c.name in missing) else "the α search"
+        raise CalibrationError(
+            f"{what} needs real input rows of {len(missing)} layers that the calibration statistics do not hold "
+            f"(e.g. {missing[:3]}); calibrate with diffq.calibrate(pipe, prompts, reservoir=256) "
+            f"(`diffq calibrate --reservoir 256`), or set rounding=rtn and smooth_search=false"
+        )
 
 
 def quantize(
@@ -129,13 +159,19 @@ def quantize(
     _refuse_loaded_lora(pipe, recipe)
     layer_plan = plan_assignments(recipe, plan)
     if calibration is None and _needs_calibration(recipe, layer_plan):
+        rows = _needs_reservoir(recipe, layer_plan)
         if not prompts:
             raise CalibrationError(
-                f"recipe {recipe.name!r} needs calibration statistics (smoothing or static activation ranges); "
-                f"pass calibration=diffq.calibrate(pipe, prompts) or prompts=[...]"
+                f"recipe {recipe.name!r} needs calibration statistics (smoothing, static activation ranges, "
+                f"GPTQ or the smoothing search); pass calibration=diffq.calibrate(pipe, prompts"
+                f"{', reservoir=256' if rows else ''}) or prompts=[...]"
             )
-        kw = {"attention_operands": True} if recipe.needs_attention_errors else {}
-        calibration = calibrate(pipe, list(prompts), progress=progress, **kw, **(calibrate_kwargs or {}))
+        kw = dict(calibrate_kwargs or {})
+        if rows:
+            kw.setdefault("reservoir", DEFAULT_RESERVOIR)
+        if recipe.needs_attention_errors:
+            kw.setdefault("attention_operands", True)
+        calibration = calibrate(pipe, list(prompts), progress=progress, **kw)
     if calibration is not None:
         calibration.check_matches(structure_fingerprint(denoiser), adapter.name)
     base_fp = weights_fingerprint(denoiser)
@@ -145,6 +181,7 @@ def quantize(
         missing = [c.name for c in choices if c.skip is None and c.name not in calibration.layers]
         if missing:
             raise CalibrationError(f"calibration has no statistics for layers {missing[:5]}; re-run calibrate")
+    _check_rows(choices, calibration)
     splits = calibration.splits if calibration is not None else adapter.skip_splits(denoiser)
     state = QuantState(recipe=recipe, family=adapter.name, base_fingerprint=base_fp, plan=layer_plan)
     before = {ch.name: module_bytes(ch.module) for ch in choices}

@@ -56,6 +56,8 @@ def _fusable(parts: list[QuantLinear]) -> str | None:
     if any(a is None for a in acts):
         return None if all(a is None for a in acts) else "some quantize their input and some do not"
     a0 = acts[0]
+    if any(getattr(a, "shift", None) is not None for a in acts):
+        return "their inputs are quantized shifted (act_unsigned), which the fused layer does not carry"
     if any(a.spec != a0.spec or a.splits != a0.splits or a.static != a0.static for a in acts):
         return "their activation quantizers differ"
     if a0.static and not (_same([a.amax for a in acts]) and _same([a.bucket_to_group for a in acts])):

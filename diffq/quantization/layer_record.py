@@ -12,7 +12,7 @@ import torch
 
 from diffq.errors import CheckpointError, DiffqError
 from diffq.formats import QTensor, QuantSpec, decode_scale, unpack_bits
-from diffq.modules import ActQuantizer, QuantConv2d, QuantLinear
+from diffq.modules import ActQuantizer, QuantConv2d, QuantLinear, ShiftedActQuantizer
 
 
 def layer_info(m: QuantLinear | QuantConv2d) -> dict:
@@ -57,10 +57,13 @@ def rebuild_layer(info: dict, buf: dict[str, torch.Tensor]) -> QuantLinear | Qua
         act = None
         if info.get("act"):
             a = info["act"]
-            act = ActQuantizer(
-                QuantSpec.from_dict(a["spec"]), splits=tuple(a["splits"]) if a["splits"] else None,
-                amax=buf.get("act.amax"), bucket_to_group=buf.get("act.bucket_to_group"),
-            )
+            kw = {"splits": tuple(a["splits"]) if a["splits"] else None, "amax": buf.get("act.amax"),
+                  "bucket_to_group": buf.get("act.bucket_to_group")}
+            aspec = QuantSpec.from_dict(a["spec"])
+            shift = buf.get("act.shift")  # act_unsigned: Q(x + c) - c after a GELU/SiLU
+            if shift is not None and tuple(shift.shape) != (k_in,):
+                raise CheckpointError(f"activation shift has shape {tuple(shift.shape)}, expected ({k_in},)")
+            act = ActQuantizer(aspec, **kw) if shift is None else ShiftedActQuantizer(aspec, shift, **kw)
         dtype = getattr(torch, str(info["dtype"]), None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise CheckpointError(f"layer compute dtype {info['dtype']!r} is not a floating-point torch dtype")

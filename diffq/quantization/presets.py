@@ -1,7 +1,12 @@
 """Named recipes, and the ways to name a recipe: a preset, a dict of fields, stacked YAML files.
 
 Each preset is a plain :class:`~diffq.quantization.recipe.Recipe`; print one with
-``diffq quantize --preset NAME --show-recipe`` and override any field.
+``diffq quantize --preset NAME --show-recipe`` and override any field. The presets before issue 15
+are reachable through fields: ``w4a8`` / ``w4a16`` with ``rounding=rtn``; ``w4a4-svd`` with
+``rounding=rtn, smooth_search=false, act=int4:g64, skip_roles=["embed", "adanorm", "io"]``; ``w4a4`` /
+``fp4`` with those ``skip_roles``. Presets with ``rounding=gptq`` or ``smooth_search`` need calibration
+with input rows (``diffq.calibrate(..., reservoir=256)``; ``diffq.quantize(pipe, preset, prompts=...)``
+collects them itself).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from pathlib import Path
 
 from diffq.errors import RecipeError
 from diffq.formats import MXFP4, NVFP4, QuantSpec
-from diffq.quantization.recipe import Recipe
+from diffq.quantization.recipe import W4A4_SKIP_ROLES, Recipe
 
 _INT8_CH = QuantSpec("int8", "channel")
 _INT8_TOK = QuantSpec("int8", "token")
@@ -19,53 +24,79 @@ _INT3_G64 = QuantSpec("int3", "group", 64, "fp16")
 _FP8_CH = QuantSpec("fp8_e4m3", "channel")
 _FP8_TOK = QuantSpec("fp8_e4m3", "token")
 
+_INT4_G64_ACT = QuantSpec("int4", "group", 64)
+_UINT4_G64_ACT = QuantSpec("uint4", "group", 64)
+
 PRESETS: dict[str, Recipe] = {
     "w8a8": Recipe("w8a8", weight=_INT8_CH, act=_INT8_TOK),
     "w8a8-static": Recipe(
         "w8a8-static", weight=_INT8_CH, act=QuantSpec("int8", "tensor"), act_static=True, act_clip="mse"
     ),
-    "w4a8": Recipe("w4a8", weight=_INT4_G64, act=_INT8_TOK, weight_clip="mse"),
+    "w8a16": Recipe("w8a16", weight=_INT8_CH, act=None),
+    "w4a8": Recipe("w4a8", weight=_INT4_G64, act=_INT8_TOK, weight_clip="mse", rounding="gptq"),
     "w3a8": Recipe("w3a8", weight=_INT3_G64, act=_INT8_TOK, weight_clip="mse"),
-    "w4a16": Recipe("w4a16", weight=_INT4_G64, act=None, weight_clip="mse"),
-    "w4a4": Recipe("w4a4", weight=_INT4_G64, act=QuantSpec("int4", "group", 64)),
+    "w4a16": Recipe("w4a16", weight=_INT4_G64, act=None, weight_clip="mse", rounding="gptq"),
+    "w4a4": Recipe("w4a4", weight=_INT4_G64, act=_INT4_G64_ACT, skip_roles=W4A4_SKIP_ROLES),
     "w4a4-svd": Recipe(
         "w4a4-svd",
         weight=_INT4_G64,
-        act=QuantSpec("int4", "group", 64),
+        act=_UINT4_G64_ACT,
         smooth_alpha=0.5,
+        smooth_search=True,
         rank=32,
         weight_clip="mse",
+        rounding="gptq",
+        skip_roles=W4A4_SKIP_ROLES,
     ),
     "w8a8-attn": Recipe("w8a8-attn", weight=_INT8_CH, act=_INT8_TOK, attn="int8-fp8"),
     "w4a4-svd-attn": Recipe(
         "w4a4-svd-attn",
         weight=_INT4_G64,
-        act=QuantSpec("int4", "group", 64),
+        act=_UINT4_G64_ACT,
         smooth_alpha=0.5,
+        smooth_search=True,
         rank=32,
         weight_clip="mse",
+        rounding="gptq",
+        skip_roles=W4A4_SKIP_ROLES,
         attn="int8-fp8",
     ),
     "fp8": Recipe("fp8", weight=_FP8_CH, act=_FP8_TOK),
-    "fp4": Recipe("fp4", weight=NVFP4, act=NVFP4),
-    "mxfp4": Recipe("mxfp4", weight=MXFP4, act=MXFP4),
+    "fp4": Recipe("fp4", weight=NVFP4, act=NVFP4, skip_roles=W4A4_SKIP_ROLES),
+    "mxfp4": Recipe("mxfp4", weight=MXFP4, act=MXFP4, skip_roles=W4A4_SKIP_ROLES),
+    "fp4-svd": Recipe(
+        "fp4-svd",
+        weight=NVFP4,
+        act=NVFP4,
+        smooth_alpha=0.5,
+        smooth_search=True,
+        rank=32,
+        weight_clip="mse",
+        rounding="gptq",
+        skip_roles=W4A4_SKIP_ROLES,
+    ),
     "mixed": Recipe("mixed", weight=None, bit_plan="plan.json"),
 }
 
 DESCRIPTIONS = {
     "w8a8": "int8 per-channel weights, int8 dynamic per-token activations",
     "w8a8-static": "int8 weights, int8 activations with calibrated ranges per timestep group",
-    "w4a8": "int4 weights (group 64, MSE clipping), int8 per-token activations",
+    "w8a16": "int8 per-channel weights, 16-bit activations (weight-only; the most faithful 8-bit option)",
+    "w4a8": "int4 weights (group 64, GPTQ with MSE-clipped groups), int8 per-token activations",
     "w3a8": "int3 weights (group 64, MSE clipping, 8 per 3 bytes), int8 per-token activations; "
     "a candidate for mixed precision (too lossy alone for most models), reference path only",
-    "w4a16": "int4 weights (group 64, MSE clipping), 16-bit activations",
-    "w4a4": "int4 weights and activations (group 64), plain round-to-nearest",
-    "w4a4-svd": "SVDQuant-style: smoothing + rank-32 16-bit branch + int4 weights/activations",
+    "w4a16": "int4 weights (group 64, GPTQ with MSE-clipped groups), 16-bit activations",
+    "w4a4": "int4 weights and activations (group 64), plain round-to-nearest; UNet shortcut/resample/proj "
+    "convs in 16 bits",
+    "w4a4-svd": "SVDQuant-style: smoothing (strength searched per layer) + rank-32 16-bit branch + GPTQ int4 "
+    "weights + asymmetric int4 activations; UNet shortcut/resample/proj convs in 16 bits",
     "w8a8-attn": "w8a8 plus quantized attention: INT8 Q·Kᵀ (block 64, K smoothed), FP8 E4M3 P·V",
     "w4a4-svd-attn": "w4a4-svd plus quantized attention: INT8 Q·Kᵀ (block 64, K smoothed), FP8 E4M3 P·V",
     "fp8": "FP8 E4M3 weights (per channel) and activations (per token)",
-    "fp4": "NVFP4: FP4 E2M1 with 16-element FP8 block scales, weights and activations",
-    "mxfp4": "MXFP4: FP4 E2M1 with 32-element power-of-two (E8M0) block scales, weights and activations",
+    "fp4": "NVFP4: FP4 E2M1 with 16-element FP8 block scales, weights and activations, round-to-nearest",
+    "mxfp4": "MXFP4: FP4 E2M1 with 32-element power-of-two (E8M0) block scales, weights and activations, "
+    "round-to-nearest",
+    "fp4-svd": "NVFP4 weights and activations with searched smoothing, the rank-32 16-bit branch and GPTQ",
     "mixed": "per-layer formats from a BitPlan (diffq.allocate); set bit_plan=PATH",
 }
 

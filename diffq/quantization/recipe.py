@@ -25,6 +25,10 @@ from diffq.pipelines.roles import ROLES
 DEFAULT_SKIP_ROLES = ("embed", "adanorm", "io")
 #: tuple fields, lists in JSON / YAML
 _LIST_FIELDS = ("skip_roles", "skip_patterns", "include_patterns", "attn_skip_roles", "attn_skip_patterns")
+#: the reference (SVDQuant) 16-bit layer set of 4-bit-activation recipes: also the ResNet shortcut
+#: convs, the down/up-sampling convs and the transformer proj_in/proj_out (roles UNets have)
+W4A4_SKIP_ROLES = (*DEFAULT_SKIP_ROLES, "shortcut", "resample", "proj")
+ROUNDINGS = ("rtn", "gptq")
 #: fields of older diffq versions that are read and ignored, so their checkpoints still load:
 #: ``bos_aware`` kept the first token of text encoders in 16 bits, which per-token scales made a no-op
 REMOVED_FIELDS = ("bos_aware",)
@@ -41,9 +45,28 @@ class Recipe:
         than ``group_threshold`` (relative).
     weight_clip / act_clip: ``minmax``, ``mse`` or ``percentile`` (with ``percentile``).
     smooth_alpha: SmoothQuant migration strength (None = no smoothing; needs calibration).
+    smooth_search: choose the strength per layer instead: the α of ``smooth_grid`` whose quantized
+        layer (branch and both quantizers included) has the lowest output error on the calibration
+        rows (:mod:`diffq.methods.smooth_search`; needs ``calibrate(reservoir=...)``).
+    timestep_balance: smoothing factors, the α search and the GPTQ Hessian weigh every denoising
+        step equally (each step's channel profile normalised, each step's rows scaled to equal
+        energy) instead of one abs-max over all steps.
     rank: SVD low-rank branch rank (0 = none); the effective rank is capped per layer at a quarter of
         its smaller side (:func:`diffq.methods.lowrank.effective_rank`), so a rank larger than a
-        layer is not an error.
+        layer is not an error. ``rank_ratio`` instead sets it relative to the layer:
+        ``round(rank_ratio * min(N, K))`` (at least 1; FLUX's rank 32 on 3072-wide layers is ~0.01).
+    lowrank_refit: iterations that alternate the low-rank split with the residual's quantization
+        (:func:`diffq.methods.lowrank.refit_lowrank`), keeping the best; 0 = one plain SVD.
+    rounding: ``rtn`` (round to nearest) or ``gptq`` (error-compensating, with the Hessian of the
+        calibration rows; :mod:`diffq.methods.gptq`; needs ``calibrate(reservoir=...)``), with
+        ``gptq_damp`` (relative diagonal damping), ``gptq_act_order`` (columns by decreasing
+        Hessian diagonal) and ``gptq_weighted_clip`` (each group's MSE clip weighs its columns by
+        the Hessian diagonal: output error instead of weight error).
+    act_unsigned: layers whose input is provably bounded below (right after a GELU/SiLU/ReLU, see
+        :mod:`diffq.pipelines.input_bounds`) quantize ``x + c`` with the unsigned format of the same
+        width (``uint4``: 0..15) and subtract ``c`` again (exact; a kernel folds it into the bias).
+        Dynamic integer activations only. Asymmetric (zero-point) activations or weights everywhere
+        are the ``uint`` formats, e.g. ``act="uint4:g64"``.
     Group sizes (``weight``/``act`` with granularity ``group``) that do not divide a layer's input
         width are halved until they do (down to 8), else that layer uses one scale per row; see
         :func:`diffq.quantization.selection.fit_group`.
@@ -77,7 +100,17 @@ class Recipe:
     act_clip: str = "minmax"
     percentile: float = 99.9
     smooth_alpha: float | None = None
+    smooth_search: bool = False
+    smooth_grid: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    timestep_balance: bool = False
     rank: int = 0
+    rank_ratio: float | None = None
+    lowrank_refit: int = 0
+    rounding: str = "rtn"
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    gptq_weighted_clip: bool = False
+    act_unsigned: bool = False
     split_shortcut: bool = True
     skip_roles: tuple[str, ...] = DEFAULT_SKIP_ROLES
     skip_patterns: tuple[str, ...] = ()
@@ -110,14 +143,15 @@ class Recipe:
                        "a string like 'int4:g64', or null")
         if not isinstance(self.name, str):
             bad("name", "a string")
-        for k in ("act_static", "split_shortcut", "text_encoder", "attn_smooth_k"):
+        for k in ("act_static", "split_shortcut", "text_encoder", "attn_smooth_k", "smooth_search",
+                  "timestep_balance", "gptq_act_order", "gptq_weighted_clip", "act_unsigned"):
             if not isinstance(getattr(self, k), bool):
                 bad(k, "true or false")
-        for k in ("rank", "min_features", "attn_block"):
+        for k in ("rank", "min_features", "attn_block", "lowrank_refit"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int):
                 bad(k, "an integer")
-        for k in ("group_threshold", "percentile"):
+        for k in ("group_threshold", "percentile", "gptq_damp"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
                 bad(k, "a number")
@@ -131,6 +165,17 @@ class Recipe:
             or math.isnan(self.attn_max_error) or self.attn_max_error <= 0
         ):
             bad("attn_max_error", "a positive number (a relative L2 error such as 0.05) or null")
+        if self.rank_ratio is not None and (
+            isinstance(self.rank_ratio, bool) or not isinstance(self.rank_ratio, (int, float))
+            or math.isnan(self.rank_ratio)
+        ):
+            bad("rank_ratio", "a number in (0, 0.25] or null")
+        if not isinstance(self.smooth_grid, tuple) or not self.smooth_grid or not all(
+            isinstance(a, (int, float)) and not isinstance(a, bool) and not math.isnan(a) for a in self.smooth_grid
+        ):
+            bad("smooth_grid", "a non-empty list of numbers in [0, 1]")
+        if not isinstance(self.rounding, str):
+            bad("rounding", f"one of {list(ROUNDINGS)}")
         if self.timestep_groups is not None and (
             isinstance(self.timestep_groups, bool) or not isinstance(self.timestep_groups, int)
         ):
@@ -187,6 +232,22 @@ class Recipe:
             raise RecipeError(f"unknown roles {bad} in attn_skip_roles; attention roles are {list(ATTN_ROLES)}")
         if self.min_features < 0:
             raise RecipeError("min_features must be >= 0")
+        if self.rank < 0 or not 0 <= self.lowrank_refit <= 20:
+            raise RecipeError(f"rank={self.rank} must be >= 0 and lowrank_refit={self.lowrank_refit} in 0..20")
+        if self.rank_ratio is not None and not 0.0 < self.rank_ratio <= 0.25:
+            raise RecipeError(
+                f"rank_ratio={self.rank_ratio} must be in (0, 0.25] (the branch is capped at a quarter of the "
+                f"layer), or null to use rank"
+            )
+        if any(not 0.0 <= a <= 1.0 for a in self.smooth_grid):
+            raise RecipeError(f"smooth_grid={list(self.smooth_grid)} must hold smoothing strengths in [0, 1]")
+        if self.rounding not in ROUNDINGS:
+            raise RecipeError(f"rounding={self.rounding!r} is not one of {list(ROUNDINGS)}")
+        if not 0.0 < self.gptq_damp < 100.0:
+            raise RecipeError(f"gptq_damp={self.gptq_damp} must be positive (0.01 is the usual choice)")
+        if self.smooth_search and self.smooth_alpha is None:
+            raise RecipeError("smooth_search=True searches the smoothing strength: set smooth_alpha too (the "
+                              "fallback for layers without calibration rows), e.g. smooth_alpha=0.5")
         for p in self.skip_patterns + self.include_patterns + self.attn_skip_patterns:
             try:
                 re.compile(p)
@@ -194,8 +255,13 @@ class Recipe:
                 raise RecipeError(f"bad layer pattern {p!r}: {e}") from e
 
     @property
+    def needs_reservoir(self) -> bool:
+        """Whether quantizing needs real input rows: ``calibrate(..., reservoir=N)``."""
+        return self.rounding == "gptq" or self.smooth_search
+
+    @property
     def needs_calibration(self) -> bool:
-        return self.act_static or self.smooth_alpha is not None or self.needs_attention_errors
+        return self.act_static or self.smooth_alpha is not None or self.needs_reservoir or self.needs_attention_errors
 
     @property
     def needs_attention_errors(self) -> bool:
@@ -207,10 +273,21 @@ class Recipe:
         return attn_format(self.attn, block=self.attn_block, granularity=self.attn_granularity,
                            smooth_k=self.attn_smooth_k)
 
+    def without_calibration(self) -> Recipe:
+        """This recipe minus the parts that need calibration (static ranges, smoothing, GPTQ, α search):
+        what a quick latency or size run without calibration can build; the formats stay the same."""
+        act = self.act
+        if self.act_static and act is not None:
+            act = QuantSpec(act.dtype, "token", None, act.scale_dtype)
+        return Recipe.from_dict(self.to_dict() | {
+            "act": None if act is None else act.to_dict(), "act_static": False, "smooth_alpha": None,
+            "smooth_search": False, "rounding": "rtn", "timestep_balance": False,
+        })
+
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in _LIST_FIELDS:
+        for k in (*_LIST_FIELDS, "smooth_grid"):
             d[k] = list(d[k])
         return d
 
@@ -235,6 +312,10 @@ class Recipe:
                     if isinstance(kw[k], str) or not all(isinstance(x, str) for x in kw[k]):
                         raise RecipeError(f"{k} must be a list of strings")
                     kw[k] = tuple(kw[k])
+            if "smooth_grid" in kw:
+                if isinstance(kw["smooth_grid"], (str, bytes, dict)) or not hasattr(kw["smooth_grid"], "__iter__"):
+                    raise RecipeError("smooth_grid must be a list of numbers in [0, 1]")
+                kw["smooth_grid"] = tuple(kw["smooth_grid"])
             return cls(**kw)
         except (FormatError, TypeError) as e:
             raise RecipeError(f"bad recipe: {e}") from e

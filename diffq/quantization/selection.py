@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -22,7 +22,8 @@ KEEP_DENSE = "fp16"
 
 @dataclass
 class LayerChoice:
-    """What happens to one layer. ``skip`` is the reason it stays dense, else None."""
+    """What happens to one layer. ``skip`` is the reason it stays dense, else None. ``decisions``
+    records what building it chose (smoothing strength, α-search errors, unsigned input...)."""
 
     name: str
     role: str
@@ -33,6 +34,7 @@ class LayerChoice:
     smooth_alpha: float | None = None
     recipe: Recipe | None = None
     skip: str | None = None
+    decisions: dict = field(default_factory=dict)
 
 
 def fit_group(spec: QuantSpec | None, channels: int) -> QuantSpec | None:
