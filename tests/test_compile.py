@@ -32,7 +32,7 @@ DEFAULT = [("sd", "w8a8-static"), ("sdxl", "w4a4-svd"), ("pixart", "fp4"), ("sd3
 def _quantized(family: str, preset: str):
     pipe = tiny_pipeline(family)
     prompts = [0] if family == "dit" else ["a cat"]
-    stats = calibrate(pipe, prompts, num_inference_steps=2, progress=False)
+    stats = calibrate(pipe, prompts, num_inference_steps=2, progress=False, reservoir=16)
     diffq.quantize(pipe, preset, calibration=stats, progress=False)
     return pipe
 

@@ -28,7 +28,7 @@ def _images(pipe, family):
 @pytest.mark.parametrize(("family", "preset"), CASES, ids=[f"{f}-{p}" for f, p in CASES])
 def test_fused_quantized_qkv_equals_unfused(family, preset, tmp_path):
     pipe = tiny_pipeline(family)
-    stats = diffq.calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False)
+    stats = diffq.calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False, reservoir=16)
     diffq.quantize(pipe, preset, calibration=stats, progress=False)
     den = adapter_for(pipe).denoiser(pipe)
     unfused = _images(pipe, family)
@@ -51,7 +51,7 @@ def test_fused_quantized_qkv_equals_unfused(family, preset, tmp_path):
 
 def test_smoothed_projections_are_refused_and_nothing_changes():
     pipe = tiny_pipeline("sd3")
-    stats = diffq.calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False)
+    stats = diffq.calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False, reservoir=16)
     diffq.quantize(pipe, "w4a4-svd", calibration=stats, progress=False)
     before = set(pipe.transformer.state_dict())
     with pytest.raises(DiffqError, match="smoothed with its own factors.*keep the projections unfused"):
@@ -62,7 +62,7 @@ def test_smoothed_projections_are_refused_and_nothing_changes():
 
 def test_quantized_attention_is_not_silently_replaced_by_fused_processors():
     pipe = tiny_pipeline("flux")
-    stats = diffq.calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False)
+    stats = diffq.calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False, reservoir=16)
     diffq.quantize(pipe, "w8a8-attn", calibration=stats, progress=False)
     formats = installed_formats(pipe.transformer)
     assert formats

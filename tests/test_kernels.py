@@ -481,6 +481,13 @@ def test_routes_by_capability(monkeypatch):
     m = _module("w8a8")
     m.act.splits = (40, 24)  # split-shortcut scales: no per-token kernel computes them
     assert layer_dispatch.kernel_route(m).startswith("reference")
+    # w4a4-svd's asymmetric (zero-point) and act_unsigned's shifted activations: no kernel computes them
+    m = _module("w4a4")
+    m.act.spec = QuantSpec("uint4", "group", 64)
+    assert layer_dispatch.kernel_route(m, (9, 0)) == "reference (no kernel computes this quantization)"
+    m = _module("w4a4")
+    m.act.register_buffer("shift", torch.ones(64))
+    assert layer_dispatch.kernel_route(m, (9, 0)) == "reference (no kernel computes this quantization)"
 
 
 @pytest.mark.parametrize("cap,ok", [((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)])

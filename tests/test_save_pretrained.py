@@ -25,7 +25,7 @@ CASES = [("sd", "w4a4-svd"), ("sdxl", "w8a8-static"), ("flux", "fp4"), ("sd3", "
 
 def _quantized(family, preset):
     pipe = tiny_pipeline(family)
-    stats = diffq.calibrate(pipe, [0] if family == "dit" else ["a cat"], num_inference_steps=2, progress=False)
+    stats = diffq.calibrate(pipe, [0] if family == "dit" else ["a cat"], num_inference_steps=2, progress=False, reservoir=16)
     diffq.quantize(pipe, preset, calibration=stats, progress=False)
     return pipe
 
