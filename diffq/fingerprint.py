@@ -24,12 +24,11 @@ META_FIX = (
 
 
 @torch.no_grad()
-def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 of ``model``'s weights (see the module docstring); CheckpointError when any are on meta."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name, p in sorted(model.state_dict().items()):
-        if p.device.type == "meta":
-            raise CheckpointError(f"cannot fingerprint {type(model).__name__} ({name}): {META_FIX}")
+def tensors_fingerprint(class_name: str, items) -> str:
+    """The fingerprint of ``(name, tensor)`` pairs (in name order) of a model class: what
+    :func:`weights_fingerprint` hashes, for tensors that are read one at a time (a safetensors file)."""
+    h = hashlib.sha256(class_name.encode())
+    for name, p in items:
         flat = p.detach().reshape(-1)
         if flat.numel() > SAMPLES:
             idx = torch.arange(SAMPLES, device=flat.device) * (flat.numel() - 1) // (SAMPLES - 1)
@@ -37,3 +36,13 @@ def weights_fingerprint(model: nn.Module) -> str:
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
         h.update(flat.float().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+@torch.no_grad()
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 of ``model``'s weights (see the module docstring); CheckpointError when any are on meta."""
+    items = sorted(model.state_dict().items())
+    for name, p in items:
+        if p.device.type == "meta":
+            raise CheckpointError(f"cannot fingerprint {type(model).__name__} ({name}): {META_FIX}")
+    return tensors_fingerprint(type(model).__name__, items)
