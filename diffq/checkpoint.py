@@ -260,7 +260,8 @@ def recipe_of(manifest: dict) -> Recipe:
 
 def layer_swaps(manifest: dict, tensors: dict, scopes: dict[str, nn.Module]) -> list:
     """(scope, root, name, rebuilt layer) for every saved layer, built before any is swapped in: a damaged
-    checkpoint never leaves the base pipeline half-quantized (and looking intact)."""
+    checkpoint never leaves the base pipeline half-quantized (and looking intact). Pops the layers'
+    tensors from ``tensors``."""
     swaps = []
     for key, info in manifest["layers"].items():
         scope, _, name = key.partition("/")
@@ -271,7 +272,8 @@ def layer_swaps(manifest: dict, tensors: dict, scopes: dict[str, nn.Module]) -> 
             old = root.get_submodule(name)
         except AttributeError as e:
             raise CheckpointError(f"checkpoint layer {key} does not exist in this pipeline") from e
-        buf = {b: tensors[f"{key}.{b}"] for b in info["tensors"]}
+        # popped: the layer keeps its own copies, so the loaded file is never held twice
+        buf = {b: tensors.pop(f"{key}.{b}") for b in info["tensors"]}
         new = rebuild_layer(info, buf)
         ref = next(old.parameters(), None)
         if ref is not None and not ref.is_meta:

@@ -29,7 +29,8 @@ def load_pipeline(directory: str | Path, base, **from_pretrained_kwargs):
     The denoiser is built on ``meta`` from the saved config and gets the saved tensors assigned (no
     copy, no full-precision weights ever in memory); the text encoders, VAE, tokenizers and scheduler
     come from ``base``: a hub id or folder (``DiffusionPipeline.from_pretrained(base, <denoiser>=...,
-    **from_pretrained_kwargs)``, which never loads the base's denoiser) or a pipeline object (its
+    **from_pretrained_kwargs)``, which never loads the base's denoiser; ``torch_dtype`` defaults to the
+    dtype of the denoiser's 16-bit rest) or a pipeline object (its
     components are shared with the returned pipeline, its own denoiser is not used).
     """
     directory = Path(directory)
@@ -41,7 +42,7 @@ def load_pipeline(directory: str | Path, base, **from_pretrained_kwargs):
     tensors = load_tensors(directory, manifest)
     recipe = recipe_of(manifest)
     denoiser = meta_denoiser(manifest["denoiser_class"], manifest["denoiser_config"])
-    assign_dense(denoiser, {name: tensors[DENSE_PREFIX + name] for name in manifest["dense"]})
+    assign_dense(denoiser, {name: tensors.pop(DENSE_PREFIX + name) for name in manifest["dense"]})
     # the quantized layers first, so that the pipeline is never assembled around meta layers
     den_swaps = layer_swaps(manifest, tensors, {"denoiser": denoiser})
     for _, root, name, new in den_swaps:
@@ -68,6 +69,9 @@ def _assemble(base, attr: str, denoiser: nn.Module, kwargs: dict):
     if isinstance(base, (str, Path)):
         from diffusers import DiffusionPipeline
 
+        # the other components in the denoiser's dtype unless asked otherwise (fp32 VAE + bf16 latents fail)
+        dtype = next((t.dtype for t in denoiser.parameters() if t.is_floating_point()), None)
+        kwargs = {"torch_dtype": dtype, **kwargs} if dtype is not None else kwargs
         pipe = DiffusionPipeline.from_pretrained(str(base), **{attr: denoiser}, **kwargs)
     else:
         components = getattr(base, "components", None)
