@@ -85,12 +85,14 @@ def test_fault_mid_way_resumes_at_the_next_block(calibrated, reference, tmp_path
 
 
 def test_sigkill_mid_way_resumes_identical(calibrated, reference, tmp_path):
-    """A child process SIGKILLs itself right after writing its 2nd block file; the rerun finishes."""
+    """A child process SIGKILLs itself right after writing its 4th block file; the rerun finishes."""
     pipe, stats = calibrated
     stats.save(tmp_path / "stats.safetensors")
     work = tmp_path / "work"
     script = textwrap.dedent(f"""
         import os, signal
+        import torch
+        torch.set_num_threads({torch.get_num_threads()})  # the parent's: float results depend on it
         import diffq
         from diffq.calibration import CalibrationStats
         from diffq.pipelines.testing import tiny_pipeline
@@ -99,7 +101,7 @@ def test_sigkill_mid_way_resumes_identical(calibrated, reference, tmp_path):
         def write(*a, **k):
             real(*a, **k)
             n.append(1)
-            if len(n) == 2:
+            if len(n) == 4:  # after transformer_blocks.0, the first block with quantized layers
                 os.kill(os.getpid(), signal.SIGKILL)
         streaming._write_block = write
         stats = CalibrationStats.load({str(tmp_path / "stats.safetensors")!r})
@@ -108,7 +110,7 @@ def test_sigkill_mid_way_resumes_identical(calibrated, reference, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], check=False, env=child_env(), cwd=ROOT, capture_output=True,
                           timeout=600)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
-    assert len(list(work.glob("block-*.safetensors"))) == 2
+    assert len(list(work.glob("block-*.safetensors"))) == 4
     resumed = copy.deepcopy(pipe)
     diffq.quantize(resumed, PRESET, calibration=stats, progress=False, work_dir=work)
     assert len(streaming.block_seconds(work)) > 2
@@ -135,3 +137,34 @@ def test_work_dir_of_another_run_is_refused(calibrated, tmp_path):
     diffq.quantize(copy.deepcopy(pipe), "w4a8", progress=False, work_dir=tmp_path)
     with pytest.raises(CheckpointError, match="another quantization run"):
         diffq.quantize(copy.deepcopy(pipe), "w8a8", progress=False, work_dir=tmp_path)
+
+
+def test_two_processes_split_the_blocks_and_make_one_checkpoint(calibrated, reference, tmp_path):
+    """What ``accelerate launch --num_processes 2`` / ``torchrun`` set up (RANK, WORLD_SIZE), with 2 CPU
+    processes on one work_dir: each quantizes every other block, rank 0 saves the checkpoint."""
+    pipe, stats = calibrated
+    stats.save(tmp_path / "stats.safetensors")
+    work, ckpt = tmp_path / "work", tmp_path / "ckpt"
+    script = textwrap.dedent(f"""
+        import os
+        import torch
+        torch.set_num_threads({torch.get_num_threads()})  # the parent's: float results depend on it
+        import diffq
+        from diffq.calibration import CalibrationStats
+        from diffq.pipelines.testing import tiny_pipeline
+        stats = CalibrationStats.load({str(tmp_path / "stats.safetensors")!r})
+        pipe = tiny_pipeline({FAMILY!r})
+        diffq.quantize(pipe, {PRESET!r}, calibration=stats, progress=False, work_dir={str(work)!r})
+        if os.environ["RANK"] == "0":
+            diffq.save(pipe, {str(ckpt)!r})
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], env={**child_env(), "RANK": str(r), "WORLD_SIZE": "2"},
+                              cwd=ROOT, stderr=subprocess.PIPE) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()[-2000:]
+    ranks = [s["rank"] for s in streaming.block_seconds(work).values()]
+    assert ranks == [i % 2 for i in range(len(ranks))] and len(ranks) > 4
+    loaded = diffq.load_pipeline(ckpt, copy.deepcopy(pipe))
+    loaded.default_sample_size = pipe.default_sample_size
+    _same(loaded, reference)

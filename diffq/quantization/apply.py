@@ -113,6 +113,7 @@ def quantize(
     progress: bool = True,
     work_dir=None,
     dense_source=None,
+    shard: tuple[int, int] | None = None,
 ) -> QuantSummary:
     """Quantize ``pipe``'s denoiser in place and return what was done.
 
@@ -124,6 +125,8 @@ def quantize(
     work_dir: quantize block by block, each finished block saved there; a killed run resumes at the
         next block (:mod:`diffq.quantization.streaming`). dense_source: the denoiser's safetensors
         file, for a denoiser built on meta: each block's weights are read just before it is quantized.
+        shard: (rank, world size) of several processes sharing ``work_dir`` (default: from
+        ``accelerate launch`` / ``torchrun``'s RANK / WORLD_SIZE when ``work_dir`` is set).
     """
     recipe = resolve_recipe(recipe)
     adapter = adapter_for(pipe)
@@ -166,11 +169,11 @@ def quantize(
         if work_dir is None and source is None:
             built = install_layers(denoiser, choices, calibration, splits, state.tracker, progress=bar.update)
         else:
-            from diffq.quantization.streaming import install_blocks, run_key
+            from diffq.quantization.streaming import install_blocks, launcher_shard, run_key
 
             built = install_blocks(denoiser, choices, calibration, splits, state.tracker, work_dir=work_dir,
                                    key=run_key(recipe, base_fp, calibration), dense_source=source,
-                                   progress=bar.update)
+                                   progress=bar.update, shard=shard or launcher_shard())
     finally:
         bar.close()
     if recipe.text_encoder:

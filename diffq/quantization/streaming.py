@@ -15,12 +15,18 @@ tensors are read from the file just before that block is quantized and dropped w
 swapped in, so peak memory is about one dense block plus the quantized model (and the 16-bit
 layers kept so far). Calibration statistics, when the recipe needs them, come from a separate
 :func:`diffq.calibrate` run (it needs the whole model).
+
+Several processes (``accelerate launch --num_processes N`` or ``torchrun``, which set ``RANK`` and
+``WORLD_SIZE``; or ``shard=(rank, world)``) share one ``work_dir``: process r quantizes blocks
+r, r + N, ... and restores the others from the files the other processes write (waiting for them),
+so every process ends with the same quantized model and one of them saves the checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +47,8 @@ from diffq.quantization.selection import LayerChoice
 from diffq.quantization.standalone import assign_dense, meta_tensors
 
 RUN_FILE = "run.json"
+#: seconds a process waits for a block another process quantizes (DIFFQ_SHARD_TIMEOUT overrides)
+SHARD_TIMEOUT = 6 * 3600.0
 _META_KEY = "diffq_block"
 
 
@@ -93,6 +101,24 @@ class DenseSource:
         """Read every meta tensor of ``root`` under ``prefix`` (all of them when None) from the file."""
         names = [n for n in meta_tensors(root) if prefix is None or n == prefix or n.startswith(prefix + ".")]
         assign_dense(root, {n: self.get(n) for n in names})
+
+
+def launcher_shard() -> tuple[int, int] | None:
+    """(rank, world size) set by ``accelerate launch`` / ``torchrun`` (``RANK``, ``WORLD_SIZE``), else None."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return None
+    return (rank, world) if world > 1 and 0 <= rank < world else None
+
+
+def _wait_for(path: Path, block: str, timeout: float) -> None:
+    t0 = time.monotonic()
+    while not path.is_file():
+        if time.monotonic() - t0 > timeout:
+            raise CheckpointError(f"block {block} ({path.name}) was not written by its process within {timeout:.0f} s; "
+                                  f"that process failed: rerun all processes with the same work_dir to resume")
+        time.sleep(0.2)
 
 
 def _block_path(work_dir: Path, i: int) -> Path:
@@ -152,9 +178,13 @@ def install_blocks(
     key: str,
     dense_source: DenseSource | None = None,
     progress: Callable[[], None] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, nn.Module]:
     """:func:`~diffq.quantization.build.install_layers` one block at a time, each finished block saved to
-    ``work_dir`` and restored from there on a rerun (see the module docstring)."""
+    ``work_dir`` and restored from there on a rerun; with ``shard=(rank, world)`` this process builds
+    every ``world``-th block and waits for the others' files (see the module docstring)."""
+    rank, world = shard or (0, 1)
+    timeout = float(os.environ.get("DIFFQ_SHARD_TIMEOUT", SHARD_TIMEOUT))
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     run_file = work_dir / RUN_FILE
@@ -166,12 +196,16 @@ def install_blocks(
         if saved != key:
             raise CheckpointError(f"{str(work_dir)!r} holds the blocks of another quantization run (other recipe, "
                                   f"weights or calibration); pass another work_dir or delete it")
-    else:
+    elif rank == 0 or world == 1:
         write_json_atomic(run_file, {"key": key})
     built: dict[str, nn.Module] = {}
     for i, (block, chs) in enumerate(group_blocks(choices).items()):
         path = _block_path(work_dir, i)
-        remove_stale_temps(path)
+        mine = i % world == rank
+        if mine:
+            remove_stale_temps(path)
+        else:
+            _wait_for(path, block, timeout)
         names = [c.name for c in chs if c.skip is None]
         if path.is_file():
             built.update(_restore(root, path, block, names, tracker))
@@ -182,7 +216,7 @@ def install_blocks(
                 dense_source.materialise(root, block)
             t0, c0 = time.perf_counter(), time.process_time()
             new = install_layers(root, chs, stats, splits, tracker)
-            secs = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+            secs = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "rank": rank}
             _write_block(path, block, new, secs)
             built.update(new)
         if progress is not None:
@@ -194,7 +228,8 @@ def install_blocks(
 
 
 def block_seconds(work_dir: str | Path) -> dict[str, dict]:
-    """Block -> {"wall", "cpu"} seconds it took to quantize, from the block files of ``work_dir``."""
+    """Block -> {"wall", "cpu"} seconds it took to quantize and the ``rank`` of the process that did it,
+    from the block files of ``work_dir``."""
     out = {}
     for path in sorted(Path(work_dir).glob("block-*.safetensors")):
         record, _ = read_block(path)
