@@ -182,10 +182,12 @@ def step_load(work: Path) -> dict:
     peak = _peak()
     pipe.set_progress_bar_config(disable=True)
     same = torch.equal(images(pipe), load_file(str(work / "images_before.safetensors"))["images"])
+    peak_generate = _peak()  # the checkpoint's tensors are memory-mapped: generating touches all of them
     size = sum(f.stat().st_size for f in (work / "ckpt").iterdir())
     others = sum(p.numel() * p.element_size() for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
                  for p in m.parameters())
-    return {"load_s": round(load_s, 1), "rss_before": base_rss, "peak_rss": peak, "checkpoint_bytes": size,
+    return {"load_s": round(load_s, 1), "rss_before": base_rss, "peak_rss": peak, "peak_rss_after_generate": peak_generate,
+            "checkpoint_bytes": size,
             "base_components_bytes": others, "images_identical": same}
 
 

@@ -272,9 +272,17 @@ def layer_swaps(manifest: dict, tensors: dict, scopes: dict[str, nn.Module]) -> 
             old = root.get_submodule(name)
         except AttributeError as e:
             raise CheckpointError(f"checkpoint layer {key} does not exist in this pipeline") from e
-        # popped: the layer keeps its own copies, so the loaded file is never held twice
+        # the layer is built shape-only and gets the loaded tensors themselves (popped, not copied): the
+        # checkpoint is held in memory once
         buf = {b: tensors.pop(f"{key}.{b}") for b in info["tensors"]}
-        new = rebuild_layer(info, buf)
+        new = rebuild_layer(info, {b: torch.empty(t.shape, dtype=t.dtype, device="meta") for b, t in buf.items()})
+        for b, t in buf.items():
+            owner, _, leaf = b.rpartition(".")
+            mod = new.get_submodule(owner) if owner else new
+            if leaf not in mod._buffers:
+                raise CheckpointError(f"checkpoint tensor {key}.{b} is not a buffer of a {info.get('kind')} layer; "
+                                      f"the checkpoint is damaged: re-save it")
+            mod._buffers[leaf] = t
         ref = next(old.parameters(), None)
         if ref is not None and not ref.is_meta:
             new = new.to(ref.device)
