@@ -5,6 +5,8 @@ weights offline: ``sd15_size.py`` (bytes) and ``e2e_step.py`` (step latency).
 * ``runwayml/stable-diffusion-v1-5`` ``unet/config.json``
 * ``stabilityai/stable-diffusion-xl-base-1.0`` ``unet/config.json``
 * ``black-forest-labs/FLUX.1-dev`` ``transformer/config.json``
+* ``stabilityai/stable-diffusion-3-medium-diffusers`` ``transformer/config.json``
+* ``PixArt-alpha/PixArt-XL-2-1024-MS`` ``transformer/config.json``
 """
 
 SD15_UNET = {
@@ -26,4 +28,15 @@ FLUX_DIT = {
     "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
     "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
     "axes_dims_rope": (16, 56, 56),
+}  # fmt: skip
+SD3_MEDIUM_DIT = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 192,
+}  # fmt: skip
+PIXART_ALPHA_DIT = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 4, "out_channels": 8, "num_layers": 28,
+    "attention_head_dim": 72, "num_attention_heads": 16, "cross_attention_dim": 1152, "caption_channels": 4096,
+    "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": 1e-6, "num_embeds_ada_norm": 1000,
+    "attention_bias": True, "activation_fn": "gelu-approximate", "use_additional_conditions": True,
 }  # fmt: skip

@@ -1,6 +1,6 @@
 """diffq: quantize diffusers pipelines to 8/4 bits and measure what it costs and buys.
 
-Public API: ``load_model``, ``calibrate``, ``quantize``, ``save``, ``load``, ``Recipe``,
+Public API: ``load_model``, ``calibrate``, ``quantize``, ``save``, ``load``, ``load_pipeline``, ``Recipe``,
 ``get_preset``, ``PRESETS``, ``QuantSpec``, ``generate``, ``sensitivity``, ``allocate``, ``BitPlan``.
 Heavy submodules are imported lazily so ``import diffq`` is fast. The package layers (lower never
 imports higher; ``tests/test_layers.py`` enforces it) are listed in README.md ("Layout").
@@ -24,6 +24,7 @@ _LAZY = {
     "QuantSummary": ("diffq.quantization.summary", "QuantSummary"),
     "save": ("diffq.checkpoint", "save"),
     "load": ("diffq.checkpoint", "load"),
+    "load_pipeline": ("diffq.quantization.standalone_load", "load_pipeline"),
     "Recipe": ("diffq.quantization.recipe", "Recipe"),
     "load_recipe_files": ("diffq.quantization.presets", "load_recipe_files"),
     "get_preset": ("diffq.quantization.presets", "get_preset"),

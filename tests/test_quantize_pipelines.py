@@ -91,9 +91,9 @@ def test_save_load_bit_identical(tmp_path, calibrated, family, preset):
     summary = diffq.quantize(p, preset, calibration=stats, progress=False)
     out = generate(p, _prompts(p), [0, 1], num_inference_steps=STEPS)
     d = tmp_path / f"{family}-{preset}"
-    diffq.save(p, d)
+    diffq.save(p, d, standalone=False)
     size = (d / "quantized.safetensors").stat().st_size
-    # what was saved is what the summary says the quantized layers hold (header overhead < 5%)
+    # a delta checkpoint holds what the summary says the quantized layers hold (header overhead < 5%)
     assert summary.packed_bytes <= size <= summary.packed_bytes * 1.05 + 16384
     q = diffq.load(d, copy.deepcopy(pipe))
     assert len(quantized_modules(adapter_for(q).denoiser(q))) == len(summary.quantized)

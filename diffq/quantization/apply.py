@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from diffq.calibration import CalibrationStats, calibrate
 from diffq.errors import CalibrationError, RecipeError
-from diffq.fingerprint import weights_fingerprint
+from diffq.fingerprint import tensors_fingerprint, weights_fingerprint
 from diffq.kernels.layer_dispatch import kernel_route
 from diffq.lora import enable_peft_layers, peft_adapter_layers
 from diffq.modules import structure_fingerprint
@@ -141,6 +141,9 @@ def quantize(
     plan=None,
     calibrate_kwargs: dict | None = None,
     progress: bool = True,
+    work_dir=None,
+    dense_source=None,
+    shard: tuple[int, int] | None = None,
 ) -> QuantSummary:
     """Quantize ``pipe``'s denoiser in place and return what was done.
 
@@ -149,6 +152,11 @@ def quantize(
         smoothing or static activation ranges. If missing and ``prompts`` are given, calibration
         runs first (``calibrate_kwargs`` passed on).
     plan: a BitPlan (or dict layer -> preset) for the ``mixed`` recipe.
+    work_dir: quantize block by block, each finished block saved there; a killed run resumes at the
+        next block (:mod:`diffq.quantization.streaming`). dense_source: the denoiser's safetensors
+        file, for a denoiser built on meta: each block's weights are read just before it is quantized.
+        shard: (rank, world size) of several processes sharing ``work_dir`` (default: from
+        ``accelerate launch`` / ``torchrun``'s RANK / WORLD_SIZE when ``work_dir`` is set).
     """
     recipe = resolve_recipe(recipe)
     adapter = adapter_for(pipe)
@@ -174,7 +182,15 @@ def quantize(
         calibration = calibrate(pipe, list(prompts), progress=progress, **kw)
     if calibration is not None:
         calibration.check_matches(structure_fingerprint(denoiser), adapter.name)
-    base_fp = weights_fingerprint(denoiser)
+    source = None
+    if dense_source is not None:
+        from diffq.quantization.streaming import DenseSource
+
+        source = DenseSource(dense_source)
+        base_fp = tensors_fingerprint(type(denoiser).__name__,
+                                      ((n, source.get(n)) for n in sorted(denoiser.state_dict())))
+    else:
+        base_fp = weights_fingerprint(denoiser)
     bytes_before = module_bytes(denoiser, float_bits=16)
     choices = choose_layers(denoiser, recipe, layer_plan, role_of=adapter.role_of)
     if recipe.act_static:
@@ -187,7 +203,14 @@ def quantize(
     before = {ch.name: module_bytes(ch.module) for ch in choices}
     bar = tqdm(total=len(choices), desc="quantize", disable=not progress_enabled(progress), leave=False)
     try:
-        built = install_layers(denoiser, choices, calibration, splits, state.tracker, progress=bar.update)
+        if work_dir is None and source is None:
+            built = install_layers(denoiser, choices, calibration, splits, state.tracker, progress=bar.update)
+        else:
+            from diffq.quantization.streaming import install_blocks, launcher_shard, run_key
+
+            built = install_blocks(denoiser, choices, calibration, splits, state.tracker, work_dir=work_dir,
+                                   key=run_key(recipe, base_fp, calibration), dense_source=source,
+                                   progress=bar.update, shard=shard or launcher_shard())
     finally:
         bar.close()
     if recipe.text_encoder:

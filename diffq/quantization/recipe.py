@@ -24,7 +24,12 @@ from diffq.pipelines.roles import ROLES
 
 DEFAULT_SKIP_ROLES = ("embed", "adanorm", "io")
 #: tuple fields, lists in JSON / YAML
-_LIST_FIELDS = ("skip_roles", "skip_patterns", "include_patterns", "attn_skip_roles", "attn_skip_patterns")
+_LIST_FIELDS = ("skip_roles", "skip_patterns", "include_patterns", "attn_skip_roles", "attn_skip_patterns",
+                "weight_only_roles")
+#: roles quantized weight-only when they are a large share of the weights (FLUX's and SD3's adaLN: ~1/4)
+DEFAULT_WEIGHT_ONLY_ROLES = ("adanorm",)
+#: QuantSpec fields of a recipe
+_SPEC_FIELDS = ("weight", "act", "weight_only")
 #: the reference (SVDQuant) 16-bit layer set of 4-bit-activation recipes: also the ResNet shortcut
 #: convs, the down/up-sampling convs and the transformer proj_in/proj_out (roles UNets have)
 W4A4_SKIP_ROLES = (*DEFAULT_SKIP_ROLES, "shortcut", "resample", "proj")
@@ -74,6 +79,13 @@ class Recipe:
     skip_roles / skip_patterns / include_patterns: which layers stay in 16 bits (roles from
         :mod:`diffq.pipelines.roles`; regexes on module names; includes win over skips).
         Text-encoder layers ignore them (every Linear of at least ``min_features`` is quantized).
+    weight_only_roles / weight_only_share / weight_only: a role of ``weight_only_roles`` whose layers
+        hold at least ``weight_only_share`` of the denoiser's quantizable weights (FLUX's and SD3's
+        adaLN modulation linears: about a quarter) is quantized weight-only, with the ``weight_only``
+        format (None: the recipe's ``weight`` format) and the recipe's low-rank branch, without
+        activation quantization or smoothing, even where ``skip_roles`` lists it; a smaller share follows the skip rules
+        (on UNets, PixArt and DiT these roles are a few percent and stay in 16 bits).
+        ``weight_only_roles=()`` keeps every skipped role in 16 bits.
     min_features: layers with fewer input or output features stay in 16 bits.
     bit_plan: path of a BitPlan JSON (``mixed`` recipe): per-layer preset names.
     text_encoder: also quantize every Linear of the text encoders with the same ``weight`` format
@@ -115,6 +127,9 @@ class Recipe:
     skip_roles: tuple[str, ...] = DEFAULT_SKIP_ROLES
     skip_patterns: tuple[str, ...] = ()
     include_patterns: tuple[str, ...] = ()
+    weight_only_roles: tuple[str, ...] = DEFAULT_WEIGHT_ONLY_ROLES
+    weight_only_share: float = 0.1
+    weight_only: QuantSpec | None = None
     min_features: int = 16
     bit_plan: str | None = None
     text_encoder: bool = False
@@ -136,7 +151,7 @@ class Recipe:
                 f"recipe field {field_name}={getattr(self, field_name)!r} must be {want}"
             )
 
-        for k in ("weight", "act"):
+        for k in _SPEC_FIELDS:
             v = getattr(self, k)
             if v is not None and not isinstance(v, QuantSpec):
                 bad(k, "a format such as {'dtype': 'int4', 'granularity': 'group', 'group_size': 64}, "
@@ -151,7 +166,7 @@ class Recipe:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int):
                 bad(k, "an integer")
-        for k in ("group_threshold", "percentile", "gptq_damp"):
+        for k in ("group_threshold", "percentile", "gptq_damp", "weight_only_share"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
                 bad(k, "a number")
@@ -222,6 +237,11 @@ class Recipe:
             )
         if self.act is not None and not self.act_static and self.act.granularity == "channel":
             raise RecipeError("dynamic activation scales are per 'token' or per 'group', not per 'channel'")
+        if not 0.0 <= self.weight_only_share <= 1.0:
+            raise RecipeError(f"weight_only_share={self.weight_only_share} must be in [0, 1] (a share of the weights)")
+        bad = [r for r in self.weight_only_roles if r not in ROLES]
+        if bad:
+            raise RecipeError(f"unknown roles {bad} in weight_only_roles; roles are {list(ROLES)}")
         bad = [r for r in self.skip_roles if r not in ROLES]
         if bad:
             raise RecipeError(f"unknown roles {bad} in skip_roles; roles are {list(ROLES)}")
@@ -302,7 +322,7 @@ class Recipe:
             raise RecipeError(f"unknown recipe fields {sorted(unknown, key=str)}; valid fields: {sorted(names)}")
         kw = dict(d)
         try:
-            for k in ("weight", "act"):
+            for k in _SPEC_FIELDS:
                 if isinstance(kw.get(k), dict):
                     kw[k] = QuantSpec.from_dict(kw[k])
                 elif isinstance(kw.get(k), str):

@@ -59,6 +59,23 @@ def _row_spec(spec: QuantSpec, is_act: bool) -> QuantSpec:
                    scale_dtype="fp32" if spec.scale_dtype in ("e4m3", "e8m0") else spec.scale_dtype)
 
 
+def role_shares(layers: dict[str, nn.Module], role_of: Callable[[str], str]) -> dict[str, float]:
+    """Role -> its layers' share of the weight elements of ``layers`` (shapes only: meta models work)."""
+    sizes: dict[str, int] = {}
+    for name, mod in layers.items():
+        sizes[role_of(name)] = sizes.get(role_of(name), 0) + mod.weight.numel()
+    total = sum(sizes.values()) or 1
+    return {r: n / total for r, n in sizes.items()}
+
+
+def weight_only_roles(recipe: Recipe, layers: dict[str, nn.Module], role_of: Callable[[str], str]) -> set[str]:
+    """The roles of ``recipe.weight_only_roles`` that hold at least ``recipe.weight_only_share`` of the weights."""
+    if not recipe.weight_only_roles:
+        return set()
+    shares = role_shares(layers, role_of)
+    return {r for r in recipe.weight_only_roles if shares.get(r, 0.0) >= recipe.weight_only_share}
+
+
 def choose_layers(
     denoiser: nn.Module,
     recipe: Recipe,
@@ -74,6 +91,7 @@ def choose_layers(
     includes = [re.compile(p) for p in recipe.include_patterns]
     skips = [re.compile(p) for p in recipe.skip_patterns]
     layers = quantizable_layers(denoiser)
+    weight_only = weight_only_roles(recipe, layers, role_of) if plan is None else set()
     if plan is not None:
         foreign = [n for n in plan if n not in layers]
         if foreign:
@@ -89,6 +107,7 @@ def choose_layers(
         forced = any(p.search(name) for p in includes)
         cin, cout = in_out(mod)
         layer_recipe = recipe
+        w_only = role in weight_only and not forced
         if plan is not None:
             choice = plan.get(name)
             if choice is None or choice == KEEP_DENSE:
@@ -96,7 +115,7 @@ def choose_layers(
                 continue
             layer_recipe = get_preset(choice)
         elif not forced:
-            if role in recipe.skip_roles:
+            if role in recipe.skip_roles and not w_only:
                 ch.skip = f"role {role} is kept in 16 bits"
                 continue
             if any(p.search(name) for p in skips):
@@ -105,13 +124,13 @@ def choose_layers(
         if min(cin, cout) < recipe.min_features:
             ch.skip = f"smaller than min_features={recipe.min_features}"
             continue
-        w = layer_recipe.weight
+        w = (recipe.weight_only or recipe.weight) if w_only else layer_recipe.weight
         if w is None:
             ch.skip = "recipe has no weight format"
             continue
         fitted = fit_group(w, cin)
         ch.weight = fitted if fitted is not None else _row_spec(w, False)
-        a = layer_recipe.act
+        a = None if w_only else layer_recipe.act
         fitted_a = fit_group(a, cin)
         ch.act = fitted_a if fitted_a is not None or a is None else _row_spec(a, True)
         if ch.weight is not None and ch.weight.packed and cin % pack_multiple(ch.weight.bits):
@@ -119,6 +138,6 @@ def choose_layers(
             ch.skip = f"input width {cin} cannot be bit-packed at {ch.weight.bits} bits (needs a multiple of {m})"
             continue
         ch.rank = layer_recipe.rank
-        ch.smooth_alpha = layer_recipe.smooth_alpha
+        ch.smooth_alpha = None if w_only else layer_recipe.smooth_alpha
         ch.recipe = layer_recipe
     return out

@@ -1,0 +1,237 @@
+"""Real-size FLUX on this CPU: per-block quantize times of the FLUX-width slice, a standalone checkpoint
+loaded without the bf16 transformer (peak RSS, identical images), and the peak RSS of block-streamed
+quantization of a deeper FLUX-config model.
+
+    python -m benchmarks.flux_slice slice  [--out DIR]   # width 3072, 1 double + 2 single blocks
+    python -m benchmarks.flux_slice stream [--out DIR] [--double 6] [--single 12] [--heads 8]
+
+Both build a ``FluxPipeline`` around a ``FluxTransformer2DModel`` from FLUX.1's config
+(:data:`benchmarks.model_configs.FLUX_DIT`, random bf16 weights, seed 0) cut to the given blocks
+(``--heads`` x 128 wide for ``stream``, 24 x 128 = 3072 for ``slice``), with small text encoders
+(a 1-layer 768-wide CLIP, a 1-layer 4096-wide T5) and a small 4-level VAE (scale 8, 16 latent
+channels), so 256x256 images make 256 image tokens as in FLUX. Calibration: 1 prompt x 2 steps.
+Every measurement runs in a fresh child process (peak RSS = ``ru_maxrss``, minus the RSS before the
+measured call). Writes ``DIR/flux_slice.json`` / ``DIR/flux_stream.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.model_configs import FLUX_DIT
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPT, SIZE, STEPS, TEXT_TOKENS = "a photo of a cat", 256, 2, 32
+PRESET = "w4a4-svd"
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def transformer_config(double: int, single: int, heads: int) -> dict:
+    return FLUX_DIT | {"num_layers": double, "num_single_layers": single, "num_attention_heads": heads}
+
+
+def build_pipeline(config: dict, transformer=None):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from diffq.pipelines.tiny_tokenizers import (
+        CLIP_SPECIAL_IDS,
+        T5_SPECIAL_IDS,
+        clip_style_tokenizer,
+        t5_style_tokenizer,
+        vocab_size,
+    )
+
+    torch.manual_seed(0)
+    if transformer is None:
+        transformer = FluxTransformer2DModel(**config).to(torch.bfloat16).eval()
+    ids = CLIP_SPECIAL_IDS
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size("clip"), hidden_size=768, intermediate_size=256,
+                                        num_hidden_layers=1, num_attention_heads=12, bos_token_id=ids["bos"],
+                                        eos_token_id=ids["eos"], pad_token_id=ids["pad"]))
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab_size("t5"), d_model=4096, d_kv=64, d_ff=256, num_layers=1,
+                                 num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=T5_SPECIAL_IDS["pad"],
+                                 eos_token_id=T5_SPECIAL_IDS["eos"], decoder_start_token_id=T5_SPECIAL_IDS["pad"]))
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), latent_channels=16, norm_num_groups=16,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        scaling_factor=0.3611, shift_factor=0.1159)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae.to(torch.bfloat16).eval(),
+                        text_encoder=clip.to(torch.bfloat16).eval(), tokenizer=clip_style_tokenizer(),
+                        text_encoder_2=t5.to(torch.bfloat16).eval(), tokenizer_2=t5_style_tokenizer(),
+                        transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def images(pipe) -> torch.Tensor:
+    return pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=3.5,
+                max_sequence_length=TEXT_TOKENS, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+
+
+def _child(args: list[str]) -> dict:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.flux_slice", *args], check=False, capture_output=True,
+                          text=True)
+    if proc.returncode:
+        raise SystemExit(f"child {args} failed:\n{proc.stderr[-4000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["child_wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+# ------------------------------------------------------------------ child steps (each in its own process)
+def step_prepare(work: Path, config: dict) -> dict:
+    """Base folder (without the transformer), the transformer's safetensors file, calibration statistics."""
+    from safetensors.torch import save_file
+
+    import diffq
+
+    pipe = build_pipeline(config)
+    den = pipe.transformer
+    save_file({k: v.contiguous() for k, v in den.state_dict().items()}, str(work / "transformer.safetensors"))
+    pipe.save_pretrained(work / "base")
+    shutil.rmtree(work / "base" / "transformer")
+    t0 = time.perf_counter()
+    stats = diffq.calibrate(pipe, [PROMPT], num_inference_steps=STEPS, height=SIZE, width=SIZE,
+                            pipeline_kwargs={"max_sequence_length": TEXT_TOKENS}, progress=False)
+    stats.save(work / "stats.safetensors")
+    blocks = {}
+    for name, mod in den.named_children():
+        if isinstance(mod, torch.nn.ModuleList):
+            for i, b in enumerate(mod):
+                blocks[f"{name}.{i}"] = sum(p.numel() * 2 for p in b.parameters())
+    return {"params": sum(p.numel() for p in den.parameters()), "bf16_bytes": sum(p.numel() * 2 for p in den.parameters()),
+            "block_bf16_bytes": blocks, "calibration_s": round(time.perf_counter() - t0, 1)}
+
+
+def _meta_pipe(work: Path, config: dict):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    with torch.device("meta"):
+        den = FluxTransformer2DModel(**config).eval()
+    pipe = FluxPipeline.from_pretrained(work / "base", transformer=den)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def step_quantize(work: Path, config: dict, streamed: bool) -> dict:
+    """Quantize block by block (streamed: the transformer on meta, weights read per block from its file)."""
+    import diffq
+    from diffq.calibration import CalibrationStats
+    from diffq.quantization.streaming import block_seconds
+    from diffq.sizes import module_bytes
+
+    stats = CalibrationStats.load(work / "stats.safetensors")
+    if streamed:
+        pipe = _meta_pipe(work, config)
+    else:
+        from safetensors.torch import load_file
+
+        pipe = build_pipeline(config)
+        pipe.transformer.load_state_dict(load_file(str(work / "transformer.safetensors")))
+    base_rss = _rss_now()
+    t0, c0 = time.perf_counter(), time.process_time()
+    diffq.quantize(pipe, PRESET, calibration=stats, progress=False, work_dir=work / "blocks",
+                   dense_source=work / "transformer.safetensors" if streamed else None)
+    out = {"quantize_wall_s": round(time.perf_counter() - t0, 1), "quantize_cpu_s": round(time.process_time() - c0, 1),
+           "rss_before": base_rss, "peak_rss": _peak(), "quantized_bytes": module_bytes(pipe.transformer),
+           "block_seconds": block_seconds(work / "blocks")}
+    if not streamed:
+        img = images(pipe)
+        from safetensors.torch import save_file
+
+        save_file({"images": img.contiguous()}, str(work / "images_before.safetensors"))
+        diffq.save(pipe, work / "ckpt")
+    return out
+
+
+def step_load(work: Path) -> dict:
+    """load_pipeline of the standalone checkpoint (base = the folder without a transformer), then generate."""
+    import diffusers
+    import transformers
+    from safetensors.torch import load_file
+
+    import diffq
+    import diffq.quantization.standalone_load
+
+    for cls in ("FluxPipeline", "FluxTransformer2DModel", "AutoencoderKL"):
+        getattr(diffusers, cls)
+    for cls in ("CLIPTextModel", "T5EncoderModel", "CLIPTokenizer", "T5TokenizerFast"):
+        getattr(transformers, cls)
+    base_rss = _rss_now()
+    t0 = time.perf_counter()
+    pipe = diffq.load_pipeline(work / "ckpt", base=str(work / "base"))
+    load_s = time.perf_counter() - t0
+    peak = _peak()
+    # the checkpoint's tensors are memory-mapped and paged in when used: read one value per 4 KiB page
+    # of every tensor of the transformer, so that all of it is resident, and measure again
+    for t in [*pipe.transformer.parameters(), *pipe.transformer.buffers()]:
+        if t.numel():
+            t.reshape(-1)[:: max(1, 4096 // t.element_size())].float().sum()
+    peak_resident = _peak()
+    pipe.set_progress_bar_config(disable=True)
+    same = torch.equal(images(pipe), load_file(str(work / "images_before.safetensors"))["images"])
+    peak_generate = _peak()  # the checkpoint's tensors are memory-mapped: generating touches all of them
+    size = sum(f.stat().st_size for f in (work / "ckpt").iterdir())
+    others = sum(p.numel() * p.element_size() for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
+                 for p in m.parameters())
+    return {"load_s": round(load_s, 1), "rss_before": base_rss, "peak_rss": peak, "peak_rss_resident": peak_resident,
+            "peak_rss_after_generate": peak_generate,
+            "checkpoint_bytes": size,
+            "base_components_bytes": others, "images_identical": same}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["slice", "stream", "_prepare", "_quantize", "_load"])
+    ap.add_argument("--out", default="/tmp/diffq_flux_slice")
+    ap.add_argument("--double", type=int, default=6)
+    ap.add_argument("--single", type=int, default=12)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--streamed", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    work = Path(args.out)
+    config = transformer_config(args.double, args.single, args.heads)
+    if args.what.startswith("_"):
+        step = {"_prepare": lambda: step_prepare(work, config),
+                "_quantize": lambda: step_quantize(work, config, args.streamed),
+                "_load": lambda: step_load(work)}[args.what]
+        print(json.dumps(step()))
+        return
+    if args.what == "slice":
+        args.double, args.single, args.heads = 1, 2, 24
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    common = ["--out", str(work), "--double", str(args.double), "--single", str(args.single), "--heads", str(args.heads)]
+    result = {"what": args.what, "config": transformer_config(args.double, args.single, args.heads), "preset": PRESET,
+              "image": SIZE, "steps": STEPS, "machine": "shared 2-core CPU, 1 torch thread per process"}
+    result["prepare"] = _child(["_prepare", *common])
+    result["quantize"] = _child(["_quantize", *common, *(["--streamed"] if args.what == "stream" else [])])
+    if args.what == "slice":
+        result["load"] = _child(["_load", *common])
+    path = Path(args.json or RESULTS / f"flux_{args.what}.json")
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
