@@ -51,7 +51,7 @@ def run(model: str, presets: list[str], n: int, n_calib: int) -> dict:
     gen = {"num_inference_steps": STEPS, "guidance_scale": GUIDANCE, "batch_size": 25}
     judge = Judge(model)
     stats = calibrate(pipe, prompt_list("digits", n_calib), num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                      seed=10_000, progress=False)
+                      seed=10_000, progress=False, reservoir=256)  # GPTQ and the alpha search need rows
     ref = generate(pipe, prompts, seeds, desc="generate fp", **gen)
     fp_clip = judge.clip_score(ref, prompts)
     rows, paired = [], []

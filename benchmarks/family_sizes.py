@@ -35,7 +35,10 @@ from diffq.sizes import module_bytes
 PROXY_ROWS = (128, 256)
 #: (label, recipe overrides)
 VARIANTS = (("default", {}), ("adaLN int8 weight-only", {"weight_only": "int8"}),
-            ("adaLN 16-bit", {"weight_only_roles": []}))
+            ("adaLN 16-bit", {"weight_only_roles": []}),
+            # the UNets' reference 16-bit set (shortcut, resample, proj) quantized weight-only instead
+            ("16-bit set weight-only", {"weight_only_roles": ["adanorm", "shortcut", "resample", "proj"],
+                                        "weight_only_share": 0.0}))
 
 
 def families() -> dict[str, tuple]:
@@ -105,7 +108,9 @@ class LayerBytes:
 
 def family_row(name: str, cls, config: dict, adapter, preset: str, sizer: LayerBytes, **overrides) -> dict:
     model = meta_model(cls, config)
-    recipe = get_preset(preset).with_overrides({"weight_clip": "minmax", **overrides})  # bytes do not depend on it
+    # bytes depend on the formats, not on how codes are chosen: no clip search, GPTQ or alpha search
+    recipe = get_preset(preset).with_overrides(
+        {"weight_clip": "minmax", "rounding": "rtn", "smooth_search": False, **overrides})
     layers = quantizable_layers(model)
     choices = choose_layers(model, recipe, role_of=adapter.role_of)
     bf16 = module_bytes(model, float_bits=16)
