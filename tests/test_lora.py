@@ -35,7 +35,7 @@ class PixArtAlphaPipeline:
 def test_lora_delta_on_svd_layer_is_exact():
     torch.manual_seed(0)
     lin = nn.Linear(64, 48)
-    r = get_preset("w4a4-svd").without_calibration()  # no calibration for a bare layer
+    r = get_preset("w4a4-svd").without_calibration()  # RTN, no smoothing: no calibration rows needed
     q = build_layer(LayerChoice("layer", "attn_qkv", lin, r.weight, r.act, 16, None, r), None)
     q.smooth = torch.rand(64) + 0.5  # the LoRA must see x, not the smoothed x / s
     pipe = PixArtAlphaPipeline(q)
