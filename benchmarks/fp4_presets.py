@@ -65,7 +65,7 @@ def run_model(model: str, recipes: list[str], pairs: list[tuple[str, str]], n: i
     t0 = time.perf_counter()
     ref = generate(pipe, prompts, seeds, desc=f"{model} fp", **gen)
     stats = calibrate(pipe, prompt_list("digits", calib_n), num_inference_steps=20, guidance_scale=5.0, seed=10_000,
-                      progress=False)  # fmt: skip
+                      progress=False, reservoir=256)  # fmt: skip  (rows: GPTQ and the alpha search)
     dense = module_bytes(adapter_for(pipe).denoiser(pipe), float_bits=16)
     per_image: dict[str, dict[str, torch.Tensor]] = {}
     rows = []

@@ -27,7 +27,7 @@ PRESET = {"sd": "w4a4-svd", "sdxl": "w8a8-static", "pixart": "w4a8", "sd3": "w4a
 def _quantized(family):
     base = tiny_pipeline(family)
     pipe = copy.deepcopy(base)
-    stats = diffq.calibrate(pipe, [0] if family == "dit" else ["a cat"], num_inference_steps=2, progress=False)
+    stats = diffq.calibrate(pipe, [0] if family == "dit" else ["a cat"], num_inference_steps=2, progress=False, reservoir=16)
     diffq.quantize(pipe, PRESET[family], calibration=stats, progress=False)
     return base, pipe
 

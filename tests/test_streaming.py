@@ -28,7 +28,7 @@ FAMILY, PRESET = "flux", "w4a4-svd"
 @pytest.fixture(scope="module")
 def calibrated():
     pipe = tiny_pipeline(FAMILY)
-    stats = diffq.calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False)
+    stats = diffq.calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False, reservoir=16)
     return pipe, stats
 
 
@@ -134,7 +134,7 @@ def test_meta_denoiser_streamed_from_its_file_equals_in_memory(calibrated, refer
 
 def test_work_dir_of_another_run_is_refused(calibrated, tmp_path):
     pipe, _ = calibrated
-    diffq.quantize(copy.deepcopy(pipe), "w4a8", progress=False, work_dir=tmp_path)
+    diffq.quantize(copy.deepcopy(pipe), {"preset": "w4a8", "rounding": "rtn"}, progress=False, work_dir=tmp_path)
     with pytest.raises(CheckpointError, match="another quantization run"):
         diffq.quantize(copy.deepcopy(pipe), "w8a8", progress=False, work_dir=tmp_path)
 

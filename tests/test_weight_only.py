@@ -31,8 +31,9 @@ def _adanorm(pipe) -> dict:
 def test_adaln_is_quantized_weight_only_by_default(family):
     pipe = tiny_pipeline(family)
     kept = tiny_pipeline(family)
-    on = diffq.quantize(pipe, "w4a8", progress=False)
-    off = diffq.quantize(kept, get_preset("w4a8").with_overrides({"weight_only_roles": []}), progress=False)
+    on = diffq.quantize(pipe, {"preset": "w4a8", "rounding": "rtn"}, progress=False)  # RTN: no calibration
+    off = diffq.quantize(kept, get_preset("w4a8").with_overrides({"weight_only_roles": [], "rounding": "rtn"}),
+                         progress=False)
     layers = _adanorm(pipe)
     assert layers and not _adanorm(kept)
     # weight-only: no activation quantizer, no smoothing; the recipe's weight format and 16-bit low-rank branch
@@ -80,7 +81,7 @@ def test_family_size_bytes_are_the_bytes_diffq_builds():
     """The proxy-layer extrapolation of benchmarks.family_sizes equals building the full-width layer."""
     from benchmarks.family_sizes import LayerBytes
 
-    recipe = get_preset("w4a4-svd").with_overrides({"weight_clip": "minmax"})
+    recipe = get_preset("w4a4-svd").with_overrides({"weight_clip": "minmax", "rounding": "rtn", "smooth_search": False})
     sizer = LayerBytes()
     for mod in (nn.Linear(192, 1000), nn.Linear(192, 1000, bias=False), nn.Conv2d(64, 640, 3, padding=1)):
         ch = choose_layers(nn.Sequential(mod), recipe)[0]

@@ -11,6 +11,7 @@ collects them itself).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from diffq.errors import RecipeError
@@ -49,18 +50,6 @@ PRESETS: dict[str, Recipe] = {
         skip_roles=W4A4_SKIP_ROLES,
     ),
     "w8a8-attn": Recipe("w8a8-attn", weight=_INT8_CH, act=_INT8_TOK, attn="int8-fp8"),
-    "w4a4-svd-attn": Recipe(
-        "w4a4-svd-attn",
-        weight=_INT4_G64,
-        act=_UINT4_G64_ACT,
-        smooth_alpha=0.5,
-        smooth_search=True,
-        rank=32,
-        weight_clip="mse",
-        rounding="gptq",
-        skip_roles=W4A4_SKIP_ROLES,
-        attn="int8-fp8",
-    ),
     "fp8": Recipe("fp8", weight=_FP8_CH, act=_FP8_TOK),
     "fp4": Recipe("fp4", weight=NVFP4, act=NVFP4, skip_roles=W4A4_SKIP_ROLES),
     "mxfp4": Recipe("mxfp4", weight=MXFP4, act=MXFP4, skip_roles=W4A4_SKIP_ROLES),
@@ -77,6 +66,8 @@ PRESETS: dict[str, Recipe] = {
     ),
     "mixed": Recipe("mixed", weight=None, bit_plan="plan.json"),
 }
+
+PRESETS["w4a4-svd-attn"] = replace(PRESETS["w4a4-svd"], name="w4a4-svd-attn", attn="int8-fp8")
 
 DESCRIPTIONS = {
     "w8a8": "int8 per-channel weights, int8 dynamic per-token activations",
