@@ -87,6 +87,17 @@ def _split_heads(x: torch.Tensor, batch: int, heads: int, head_dim: int) -> torc
     return x.view(batch, -1, heads, head_dim).transpose(1, 2)
 
 
+def _heads(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch: int):
+    """The projections [B, T, H * D] -> q, k, v [B, H, T, D], with the module's optional q / k norms."""
+    head_dim = key.shape[-1] // attn.heads
+    q, k, v = (_split_heads(t, batch, attn.heads, head_dim) for t in (query, key, value))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    return q, k, v
+
+
 def _merge_heads(x: torch.Tensor, batch: int) -> torch.Tensor:
     """[B, H, T, D] -> [B, T, H * D]."""
     return x.transpose(1, 2).reshape(batch, -1, x.shape[1] * x.shape[3])
@@ -132,12 +143,7 @@ class QuantAttnProcessor(QuantProcessor):
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        q, k, v = (_split_heads(t, batch, attn.heads, head_dim) for t in (query, key, value))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _heads(attn, query, key, value, batch)
         out = _merge_heads(self._attention(q, k, v, attention_mask), batch).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if image_shape is not None:
@@ -154,12 +160,8 @@ class QuantJointAttnProcessor(QuantProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         batch, image_tokens = hidden_states.shape[0], hidden_states.shape[1]
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        q, k, v = (_split_heads(t, batch, attn.heads, head_dim) for t in (query, key, value))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _heads(attn, query, key, value, batch)
+        head_dim = q.shape[-1]
         if encoder_hidden_states is not None:
             cq, ck, cv = (_split_heads(proj(encoder_hidden_states), batch, attn.heads, head_dim)
                           for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))

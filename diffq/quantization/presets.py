@@ -53,20 +53,10 @@ PRESETS: dict[str, Recipe] = {
     "fp8": Recipe("fp8", weight=_FP8_CH, act=_FP8_TOK),
     "fp4": Recipe("fp4", weight=NVFP4, act=NVFP4, skip_roles=W4A4_SKIP_ROLES),
     "mxfp4": Recipe("mxfp4", weight=MXFP4, act=MXFP4, skip_roles=W4A4_SKIP_ROLES),
-    "fp4-svd": Recipe(
-        "fp4-svd",
-        weight=NVFP4,
-        act=NVFP4,
-        smooth_alpha=0.5,
-        smooth_search=True,
-        rank=32,
-        weight_clip="mse",
-        rounding="gptq",
-        skip_roles=W4A4_SKIP_ROLES,
-    ),
     "mixed": Recipe("mixed", weight=None, bit_plan="plan.json"),
 }
 
+PRESETS["fp4-svd"] = replace(PRESETS["w4a4-svd"], name="fp4-svd", weight=NVFP4, act=NVFP4)
 PRESETS["w4a4-svd-attn"] = replace(PRESETS["w4a4-svd"], name="w4a4-svd-attn", attn="int8-fp8")
 
 DESCRIPTIONS = {
