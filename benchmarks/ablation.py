@@ -38,7 +38,7 @@ from diffq.sizes import module_bytes
 # "label": "preset" or "preset:key=value,key=value"
 OLD_SKIPS = "skip_roles=('embed','adanorm','io')"
 #: w4a4-svd as it was before issue 15 (RTN, fixed α = 0.5, symmetric int4 activations, old 16-bit set)
-OLD_SVD = f"w4a4-svd:rounding=rtn,smooth_search=false,act=int4:g64,{OLD_SKIPS}"
+OLD_SVD = f"w4a4-svd:rounding=rtn,smooth_search=false,act=int4:g64,act_center=false,weight_only=int4:g64,{OLD_SKIPS}"
 TABLES: dict[str, dict[str, str]] = {
     "methods": {
         "w4a4-svd before issue 15": OLD_SVD,
@@ -47,10 +47,12 @@ TABLES: dict[str, dict[str, str]] = {
         "+ alpha search": OLD_SVD + ",smooth_search=true",
         "+ unsigned act after GELU/SiLU": OLD_SVD + ",act_unsigned=true",
         "+ asymmetric act": OLD_SVD + ",act=uint4:g64",
+        "+ centred act (per-sample channel means)": OLD_SVD + ",act_center=true",
         "+ asymmetric weights": OLD_SVD + ",weight=uint4:g64",
         "+ low-rank refit x3": OLD_SVD + ",lowrank_refit=3",
         "+ timestep balance": OLD_SVD + ",timestep_balance=true",
-        "w4a4-svd (all of set, GPTQ, search, asym act)": "w4a4-svd",
+        "w4a4-svd before act centring": "w4a4-svd:act_center=false,weight_only=int4:g64",
+        "w4a4-svd (all of set, GPTQ, search, asym act, centring)": "w4a4-svd",
         "w4a4-svd + Hessian-weighted group clipping": "w4a4-svd:gptq_weighted_clip=true",
         "w4a4 RTN (old 16-bit set)": f"w4a4:{OLD_SKIPS}",
         "w4a4 RTN + reference 16-bit set": "w4a4",

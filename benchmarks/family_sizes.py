@@ -36,9 +36,13 @@ PROXY_ROWS = (128, 256)
 #: (label, recipe overrides)
 VARIANTS = (("default", {}), ("adaLN int8 weight-only", {"weight_only": "int8"}),
             ("adaLN 16-bit", {"weight_only_roles": []}),
-            # the UNets' reference 16-bit set (shortcut, resample, proj) quantized weight-only instead
-            ("16-bit set weight-only", {"weight_only_roles": ["adanorm", "shortcut", "resample", "proj"],
-                                        "weight_only_share": 0.0}))
+            # the UNets' reference set (shortcut, resample, proj): int8 weights by default; in 16 bits as the
+            # reference keeps it; or int4 weight-only
+            ("UNet set 16-bit", {"int8_weight_roles": []}),
+            ("UNet set int4 weight-only", {"int8_weight_roles": [],
+                                           "weight_only_roles": ["adanorm", "shortcut", "resample", "proj"],
+                                           "weight_only_share": 0.0}),
+            ("UNet set + embed int8", {"int8_weight_roles": ["shortcut", "resample", "proj", "embed"]}))
 
 
 def families() -> dict[str, tuple]:

@@ -32,6 +32,8 @@ def unfused_reason(module: nn.Module, fmt: str) -> str | None:
         return f"{fmt} weights need dynamic {fmt} activations"
     if getattr(act, "shift", None) is not None:
         return "shifted (act_unsigned) activations"
+    if getattr(act, "center", False):
+        return "centered (act_center) activations"
     block = fd.FP4_FORMATS[fmt][0]
     if act.splits is not None and fmt == "nvfp4":
         return "NVFP4 split-shortcut activations: one tensor scale per segment"

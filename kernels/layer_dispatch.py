@@ -73,8 +73,8 @@ def _act_kind(module: nn.Module, group: int | None) -> str | None:
     if act is None:
         return "none"
     spec = act.spec
-    if spec.scale_dtype != "fp32" or getattr(act, "shift", None) is not None:
-        return None  # shifted (act_unsigned) inputs: no kernel adds the shift
+    if spec.scale_dtype != "fp32" or getattr(act, "shift", None) is not None or getattr(act, "center", False):
+        return None  # shifted (act_unsigned) or centered (act_center) inputs: no kernel adds the offset back
     if spec.dtype == "int4" and spec.granularity == "group" and spec.group_size == group and not act.static:
         if act.splits is not None and any(s % group for s in act.splits):
             return None

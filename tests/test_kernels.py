@@ -488,6 +488,9 @@ def test_routes_by_capability(monkeypatch):
     m = _module("w4a4")
     m.act.register_buffer("shift", torch.ones(64))
     assert layer_dispatch.kernel_route(m, (9, 0)) == "reference (no kernel computes this quantization)"
+    m = _module("w4a4")
+    m.act.center = True  # act_center: no kernel subtracts the per-sample channel means
+    assert layer_dispatch.kernel_route(m, (9, 0)) == "reference (no kernel computes this quantization)"
 
 
 @pytest.mark.parametrize("cap,ok", [((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)])

@@ -245,6 +245,60 @@ def test_shifted_unsigned_activations_are_exact_and_beat_signed_on_gelu_inputs()
     assert unsigned_err < 0.8 * signed_err
 
 
+def _modulated_tokens(seed: int, samples: int = 8, tokens: int = 64) -> torch.Tensor:
+    """[samples, tokens, K]: a normalised token part plus a per-sample, per-channel offset (the
+    shift of an adaLN-modulated norm: the same for every token of a sample, different per sample)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(samples, tokens, K, generator=g) + 4.0 * torch.randn(samples, 1, K, generator=g)
+
+
+def test_centered_activations_remove_per_sample_channel_offsets():
+    lin = _layer()
+    x = _modulated_tokens(3)
+    plain = ActQuantizer(A4)
+    centered = ActQuantizer(A4, center=True)
+    with torch.no_grad():
+        c = x.mean(dim=1, keepdim=True)
+        # the definition: Q(x - c) + c with c each sample's channel means over its tokens
+        torch.testing.assert_close(centered(x), ActQuantizer.forward(plain, x - c) + c)
+        # rows without a token axis are quantized as they are
+        torch.testing.assert_close(centered(x[0]), plain(x[0]))
+        err = {k: float((q(x) - x).square().sum()) for k, q in (("plain", plain), ("centered", centered))}
+    assert err["centered"] < 0.25 * err["plain"]
+    # in a layer built by the recipe, and through the layer's output
+    out = {}
+    for label, recipe in {"plain": _recipe(rounding="rtn"), "centered": _recipe(rounding="rtn", act_center=True)}.items():
+        ch = LayerChoice("layer", "ffn_up", lin, weight=recipe.weight, act=recipe.act, recipe=recipe)
+        q = build_layer(ch, None)
+        assert q.act.center == (label == "centered")
+        with torch.no_grad():
+            out[label] = float((q(x) - lin(x)).square().sum())
+    assert out["centered"] < 0.75 * out["plain"]  # the weight error is the same in both
+
+
+def test_centered_layer_round_trips_through_its_record():
+    from diffq.quantization.layer_record import layer_info, rebuild_layer
+
+    recipe = _recipe(rounding="rtn", act_center=True)
+    q = build_layer(LayerChoice("layer", "ffn_up", _layer(), weight=recipe.weight, act=recipe.act, recipe=recipe), None)
+    back = rebuild_layer(layer_info(q), dict(q.state_dict()))
+    assert back.act.center
+    x = _modulated_tokens(5)
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
+
+
+def test_act_center_needs_dynamic_signed_activations():
+    from diffq.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="act_unsigned"):
+        _recipe(act_center=True, act_unsigned=True)
+    with pytest.raises(RecipeError, match="dynamic"):
+        _recipe(act=None, act_center=True)
+    with pytest.raises(ValueError, match="dynamic"):
+        ActQuantizer(QuantSpec("int8", "tensor"), amax=torch.ones(1, 1), center=True)
+
+
 def test_presets_that_need_rows_say_so():
     assert get_preset("w4a4-svd").needs_reservoir == (get_preset("w4a4-svd").rounding == "gptq"
                                                         or get_preset("w4a4-svd").smooth_search)

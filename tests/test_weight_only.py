@@ -36,8 +36,10 @@ def test_adaln_is_quantized_weight_only_by_default(family):
                          progress=False)
     layers = _adanorm(pipe)
     assert layers and not _adanorm(kept)
-    # weight-only: no activation quantizer, no smoothing; the recipe's weight format and 16-bit low-rank branch
-    assert all(m.act is None and m.smooth is None and m.wspec.bits == 4 for m in layers.values())
+    # weight-only: no activation quantizer, no smoothing; int8 per channel without a branch where that is
+    # no larger than the recipe's int4 format with its branch (the tiny fixtures' narrow adaLN), else int4
+    assert all(m.act is None and m.smooth is None and m.wspec.bits in (4, 8) for m in layers.values())
+    assert all(m.rank == 0 for m in layers.values() if m.wspec.bits == 8)  # w4a8 has no branch: int4 is smaller
     assert on.size_ratio > off.size_ratio * 1.1
     # weight-only int4 of a modulation layer: close to the dense layer on its own input
     dense = adapter_for(kept).denoiser(kept)
@@ -55,7 +57,37 @@ def test_small_share_follows_the_skip_rules():
     assert all(c.skip for c in choices if c.role == "adanorm")
     default = choose_layers(a.denoiser(pipe), get_preset("w4a4-svd"), role_of=a.role_of)
     wo = [c for c in default if c.role == "adanorm"]
-    assert wo and all(c.skip is None and c.act is None and c.rank == 32 and c.smooth_alpha is None for c in wo)
+    assert wo and all(c.skip is None and c.act is None and c.smooth_alpha is None for c in wo)
+    assert all(c.rank == (0 if c.weight.bits >= 8 else 32) for c in wo)
+
+
+@pytest.mark.parametrize("shape,bits,rank", [((768, 128), 8, 0), ((18432, 3072), 4, 32), ((3072, 3072), 4, 32), ((128, 2048), 8, 0)])
+def test_weight_only_takes_int8_only_where_it_is_no_larger(shape, bits, rank):
+    """digits-dit's adaLN (768 x 128): int8 per channel is smaller than int4 g64 + a rank-32 branch, so it
+    is taken (and has no branch); FLUX's (18432 x 3072) keep int4 + branch. An
+    explicit ``weight_only`` format is used as given."""
+    n, k = shape
+    layer = nn.Sequential(nn.Linear(k, n, device="meta"))
+    recipe = get_preset("w4a4-svd").with_overrides({"weight_only_share": 0.0})
+    ch = choose_layers(layer, recipe, role_of=lambda name: "adanorm")[0]
+    assert (ch.weight.bits, ch.rank, ch.act) == (bits, rank, None)
+    w4 = QuantSpec("int4", "group", 64, "fp16")
+    int8_bytes, four_bit = QuantSpec("int8", "channel").stored_bytes(n, k), w4.stored_bytes(n, k) + 2 * 32 * (n + k)
+    assert (int8_bytes <= four_bit) == (bits == 8)
+    forced = choose_layers(layer, recipe.with_overrides({"weight_only": "int4:g64"}), role_of=lambda name: "adanorm")[0]
+    assert (forced.weight.bits, forced.rank) == (4, 32)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int4", "group", 64, "fp16"), QuantSpec("int8", "channel"),
+                                  QuantSpec("uint4", "group", 64, "fp16"), QuantSpec("int3", "group", 64, "fp16")])
+def test_stored_bytes_are_the_bytes_a_layer_holds(spec):
+    from diffq.formats import NVFP4, quantize
+    from diffq.modules import QuantLinear
+
+    for s in (spec, NVFP4):
+        m = QuantLinear(quantize(torch.randn(96, 256), s), bias=None, act=None, lr_down=None, lr_up=None,
+                        smooth=None, dtype=torch.bfloat16)
+        assert s.stored_bytes(96, 256) == module_bytes(m, float_bits=16)
 
 
 def test_unets_are_unchanged():
@@ -87,3 +119,32 @@ def test_family_size_bytes_are_the_bytes_diffq_builds():
         ch = choose_layers(nn.Sequential(mod), recipe)[0]
         ch = replace(ch, smooth_alpha=None)  # the real build here has no calibration statistics
         assert sizer(ch) == module_bytes(build_layer(ch, None), float_bits=16)
+
+
+def test_unet_reference_set_stores_int8_weights():
+    """The UNets' shortcut/resample/proj layers stay out of 4-bit quantization (16-bit activations, no
+    branch, no smoothing) with int8 per-channel weights; ``int8_weight_roles=()`` keeps them in 16 bits."""
+    pipe = tiny_pipeline("sd")
+    a = adapter_for(pipe)
+    den = a.denoiser(pipe)
+    on = choose_layers(den, get_preset("w4a4-svd").without_calibration(), role_of=a.role_of)
+    off = choose_layers(den, get_preset("w4a4-svd").without_calibration().with_overrides({"int8_weight_roles": []}),
+                        role_of=a.role_of)
+    ref_set = [c for c in on if c.role in ("shortcut", "resample", "proj")]
+    assert {c.role for c in ref_set} == {"shortcut", "resample", "proj"}
+    assert all(c.skip is None and c.weight == QuantSpec("int8", "channel") and c.act is None and c.rank == 0
+               and c.smooth_alpha is None for c in ref_set)
+    assert all(c.skip for c in off if c.role in ("shortcut", "resample", "proj"))
+    # the other layers are chosen the same way
+    rest = lambda cs: [(c.name, c.skip, c.weight, c.act, c.rank) for c in cs if c.role not in ("shortcut", "resample", "proj")]
+    assert rest(on) == rest(off)
+    # presets that quantize those roles anyway (w4a8) are unaffected
+    w4a8 = choose_layers(den, get_preset("w4a8"), role_of=a.role_of)
+    assert all(c.weight.bits == 4 and c.act is not None for c in w4a8 if c.role in ("shortcut", "resample", "proj"))
+    # int8 weights of a 1x1 shortcut conv: close to the dense layer
+    ch = next(c for c in ref_set if c.role == "shortcut")
+    q = build_layer(ch, None)
+    x = torch.randn(2, ch.module.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = ch.module(x)
+        assert (q(x) - ref).norm() / ref.norm() < 0.01

@@ -89,6 +89,17 @@ class QuantSpec:
         per byte, 3-bit eight per three bytes, and so on."""
         return self.bits < 8
 
+    def stored_bytes(self, rows: int, cols: int) -> int:
+        """Bytes of a ``[rows, cols]`` weight in this format as a 16-bit deployment counts them
+        (:func:`diffq.sizes.module_bytes` with ``float_bits=16``): the codes; per scale 2 bytes
+        (fp16/fp32) or 1 (FP8/E8M0 block scales); a 1-byte zero point per scale for the ``uint``
+        formats; NVFP4's tensor scale. Assumes ``group_size`` divides ``cols``."""
+        per_row = {"channel": 1, "token": 1, "group": -(-cols // (self.group_size or cols))}
+        scales = 1 if self.granularity == "tensor" else rows * per_row[self.granularity]
+        scale_b = 1 if self.scale_dtype in ("e4m3", "e8m0") else 2
+        return (rows * -(-cols * self.bits // 8) + scales * (scale_b + (0 if self.symmetric else 1))
+                + (2 if self.scale_dtype == "e4m3" else 0))
+
     def with_group(self, group_size: int) -> QuantSpec:
         return replace(self, granularity="group", group_size=group_size)
 

@@ -5,6 +5,13 @@ Inputs are viewed channels-last: rows ``[M, C]`` with C the input channels (Quan
 NCHW to NHWC before calling). ``splits`` quantizes channel segments separately (split shortcut:
 the concatenated main and skip inputs of UNet up-block resnets get their own scales).
 
+``center`` (dynamic scales only) quantizes ``x - c`` and adds ``c`` back, with ``c [B, 1, .., C]`` each
+sample's per-channel mean over its tokens (pixels): ``Q(x - c) + c``, so the layer computes
+``Q(x - c) · Wqᵀ + c · Wqᵀ``. A per-sample channel offset, such as the shift of an adaLN-modulated
+norm (the same for all tokens of a sample, different per channel, timestep and condition), then costs
+no quantization range; a zero point per token group cannot remove it, a static shift cannot follow it.
+Inputs without a token axis (``[M, C]``) are quantized as they are.
+
 The forward is host-sync free and branch free on data: the timestep group is a tensor lookup
 (``bucket_to_group[tracker.bucket]``), and NaN/Inf inputs are only checked when
 ``check_finite`` is set (from ``DIFFQ_CHECK_FINITE`` when the quantizer is built), so it traces
@@ -26,6 +33,8 @@ class ActQuantizer(nn.Module):
 
     Static mode holds ``amax [G, S]`` (G timestep groups, S channel segments) and
     ``bucket_to_group [NUM_BUCKETS]`` (int16); dynamic mode holds no state.
+    center: quantize ``x - mean_tokens(x)`` per sample and add the mean back (dynamic only; inputs of
+    3 or more dims ``[B, tokens.., C]``).
     check_finite: refuse NaN/Inf inputs (a reduction and a host sync per call); default: whether
     ``DIFFQ_CHECK_FINITE`` is set.
     """
@@ -38,9 +47,13 @@ class ActQuantizer(nn.Module):
         amax: torch.Tensor | None = None,
         bucket_to_group: torch.Tensor | None = None,
         check_finite: bool | None = None,
+        center: bool = False,
     ) -> None:
         super().__init__()
         self.spec = spec
+        self.center = bool(center)
+        if self.center and amax is not None:
+            raise ValueError("centering needs dynamic scales (static ranges would not follow the offsets)")
         self.check_finite = finite_check_requested() if check_finite is None else bool(check_finite)
         self.splits = tuple(splits) if splits else None
         self.tracker: TimestepTracker | None = None
@@ -76,6 +89,12 @@ class ActQuantizer(nn.Module):
         return self.amax[self.current_group()][0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.center and x.dim() >= 3:
+            c = x.mean(dim=tuple(range(1, x.dim() - 1)), keepdim=True, dtype=torch.float32).to(x.dtype)
+            return self._quantize(x - c) + c
+        return self._quantize(x)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         amax = self.current_amax()
         check = self.check_finite
         if self.splits is None:
@@ -89,4 +108,5 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         mode = f"static[{self.amax.shape[0]} groups]" if self.static else "dynamic"
-        return f"{self.spec.describe()}, {mode}" + (f", splits={self.splits}" if self.splits else "")
+        return (f"{self.spec.describe()}, {mode}" + (f", splits={self.splits}" if self.splits else "")
+                + (", centered" if self.center else ""))

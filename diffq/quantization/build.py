@@ -80,7 +80,7 @@ def build_act_quantizer(
         cin = choice.module.in_channels if isinstance(choice.module, nn.Conv2d) else choice.module.in_features
         shift = torch.full((cin,), -floor, device=choice.module.weight.device)
         return ShiftedActQuantizer(unsigned, shift if smooth is None else shift / smooth, splits=use_splits)
-    return ActQuantizer(spec, splits=use_splits)
+    return ActQuantizer(spec, splits=use_splits, center=recipe.act_center)
 
 
 def _rtn(w: torch.Tensor, spec: QuantSpec, recipe: Recipe) -> QTensor:

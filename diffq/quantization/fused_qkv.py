@@ -58,7 +58,7 @@ def _fusable(parts: list[QuantLinear]) -> str | None:
     a0 = acts[0]
     if any(getattr(a, "shift", None) is not None for a in acts):
         return "their inputs are quantized shifted (act_unsigned), which the fused layer does not carry"
-    if any(a.spec != a0.spec or a.splits != a0.splits or a.static != a0.static for a in acts):
+    if any(a.spec != a0.spec or a.splits != a0.splits or a.static != a0.static or a.center != a0.center for a in acts):
         return "their activation quantizers differ"
     if a0.static and not (_same([a.amax for a in acts]) and _same([a.bucket_to_group for a in acts])):
         return "their calibrated activation ranges differ"
@@ -91,7 +91,7 @@ def fuse_quant_linears(parts: list[QuantLinear]) -> QuantLinear:
     if p0.act is not None:
         a0 = p0.act
         act = ActQuantizer(a0.spec, splits=a0.splits, amax=a0.amax, bucket_to_group=a0.bucket_to_group,
-                           check_finite=a0.check_finite)
+                           check_finite=a0.check_finite, center=a0.center)
         act.tracker = a0.tracker
     fused = QuantLinear(q, bias=bias, act=act, lr_down=lr_down, lr_up=lr_up, smooth=p0.smooth, dtype=p0.compute_dtype)
     return fused.to(p0.qweight.device)

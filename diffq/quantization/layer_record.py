@@ -34,6 +34,8 @@ def layer_info(m: QuantLinear | QuantConv2d) -> dict:
             "splits": list(m.act.splits) if m.act.splits else None,
             "static": m.act.static,
         }
+        if m.act.center:
+            info["act"]["center"] = True
     return info
 
 
@@ -58,7 +60,7 @@ def rebuild_layer(info: dict, buf: dict[str, torch.Tensor]) -> QuantLinear | Qua
         if info.get("act"):
             a = info["act"]
             kw = {"splits": tuple(a["splits"]) if a["splits"] else None, "amax": buf.get("act.amax"),
-                  "bucket_to_group": buf.get("act.bucket_to_group")}
+                  "bucket_to_group": buf.get("act.bucket_to_group"), "center": bool(a.get("center", False))}
             aspec = QuantSpec.from_dict(a["spec"])
             shift = buf.get("act.shift")  # act_unsigned: Q(x + c) - c after a GELU/SiLU
             if shift is not None and tuple(shift.shape) != (k_in,):

@@ -3,7 +3,7 @@
 Each preset is a plain :class:`~diffq.quantization.recipe.Recipe`; print one with
 ``diffq quantize --preset NAME --show-recipe`` and override any field. The presets before issue 15
 are reachable through fields: ``w4a8`` / ``w4a16`` with ``rounding=rtn``; ``w4a4-svd`` with
-``rounding=rtn, smooth_search=false, act=int4:g64, skip_roles=["embed", "adanorm", "io"]``; ``w4a4`` /
+``rounding=rtn, smooth_search=false, act=int4:g64, act_center=false, skip_roles=["embed", "adanorm", "io"]``; ``w4a4`` /
 ``fp4`` with those ``skip_roles``. Presets with ``rounding=gptq`` or ``smooth_search`` need calibration
 with input rows (``diffq.calibrate(..., reservoir=256)``; ``diffq.quantize(pipe, preset, prompts=...)``
 collects them itself).
@@ -48,6 +48,7 @@ PRESETS: dict[str, Recipe] = {
         weight_clip="mse",
         rounding="gptq",
         skip_roles=W4A4_SKIP_ROLES,
+        act_center=True,
     ),
     "w8a8-attn": Recipe("w8a8-attn", weight=_INT8_CH, act=_INT8_TOK, attn="int8-fp8"),
     "fp8": Recipe("fp8", weight=_FP8_CH, act=_FP8_TOK),
@@ -56,7 +57,8 @@ PRESETS: dict[str, Recipe] = {
     "mixed": Recipe("mixed", weight=None, bit_plan="plan.json"),
 }
 
-PRESETS["fp4-svd"] = replace(PRESETS["w4a4-svd"], name="fp4-svd", weight=NVFP4, act=NVFP4)
+# fp4-svd keeps the Blackwell kernel path: no centering (no FP4 kernel subtracts the means)
+PRESETS["fp4-svd"] = replace(PRESETS["w4a4-svd"], name="fp4-svd", weight=NVFP4, act=NVFP4, act_center=False)
 PRESETS["w4a4-svd-attn"] = replace(PRESETS["w4a4-svd"], name="w4a4-svd-attn", attn="int8-fp8")
 
 DESCRIPTIONS = {
@@ -70,7 +72,7 @@ DESCRIPTIONS = {
     "w4a4": "int4 weights and activations (group 64), plain round-to-nearest; UNet shortcut/resample/proj "
     "convs in 16 bits",
     "w4a4-svd": "SVDQuant-style: smoothing (strength searched per layer) + rank-32 16-bit branch + GPTQ int4 "
-    "weights + asymmetric int4 activations; UNet shortcut/resample/proj convs in 16 bits",
+    "weights + asymmetric int4 activations centred per sample; UNet shortcut/resample/proj convs in 16 bits",
     "w8a8-attn": "w8a8 plus quantized attention: INT8 Q·Kᵀ (block 64, K smoothed), FP8 E4M3 P·V",
     "w4a4-svd-attn": "w4a4-svd plus quantized attention: INT8 Q·Kᵀ (block 64, K smoothed), FP8 E4M3 P·V",
     "fp8": "FP8 E4M3 weights (per channel) and activations (per token)",

@@ -25,9 +25,11 @@ from diffq.pipelines.roles import ROLES
 DEFAULT_SKIP_ROLES = ("embed", "adanorm", "io")
 #: tuple fields, lists in JSON / YAML
 _LIST_FIELDS = ("skip_roles", "skip_patterns", "include_patterns", "attn_skip_roles", "attn_skip_patterns",
-                "weight_only_roles")
+                "weight_only_roles", "int8_weight_roles")
 #: roles quantized weight-only when they are a large share of the weights (FLUX's and SD3's adaLN: ~1/4)
 DEFAULT_WEIGHT_ONLY_ROLES = ("adanorm",)
+#: skipped roles whose weights are stored int8 (weight-only, no branch) instead of 16 bits by default
+DEFAULT_INT8_WEIGHT_ROLES = ("shortcut", "resample", "proj")
 #: QuantSpec fields of a recipe
 _SPEC_FIELDS = ("weight", "act", "weight_only")
 #: the reference (SVDQuant) 16-bit layer set of 4-bit-activation recipes: also the ResNet shortcut
@@ -72,6 +74,10 @@ class Recipe:
         width (``uint4``: 0..15) and subtract ``c`` again (exact; a kernel folds it into the bias).
         Dynamic integer activations only. Asymmetric (zero-point) activations or weights everywhere
         are the ``uint`` formats, e.g. ``act="uint4:g64"``.
+    act_center: dynamic activations quantize ``x - c`` and add ``c`` back, ``c`` being each sample's
+        per-channel mean over its tokens (:class:`diffq.modules.ActQuantizer`): removes per-sample
+        channel offsets such as the shift of adaLN-modulated norms (DiT FFN and attention inputs). Runs
+        on the reference path (no kernel subtracts the mean yet); excludes ``act_unsigned``.
     Group sizes (``weight``/``act`` with granularity ``group``) that do not divide a layer's input
         width are halved until they do (down to 8), else that layer uses one scale per row; see
         :func:`diffq.quantization.selection.fit_group`.
@@ -82,10 +88,17 @@ class Recipe:
     weight_only_roles / weight_only_share / weight_only: a role of ``weight_only_roles`` whose layers
         hold at least ``weight_only_share`` of the denoiser's quantizable weights (FLUX's and SD3's
         adaLN modulation linears: about a quarter) is quantized weight-only, with the ``weight_only``
-        format (None: the recipe's ``weight`` format) and the recipe's low-rank branch, without
-        activation quantization or smoothing, even where ``skip_roles`` lists it; a smaller share follows the skip rules
-        (on UNets, PixArt and DiT these roles are a few percent and stay in 16 bits).
-        ``weight_only_roles=()`` keeps every skipped role in 16 bits.
+        format, without activation quantization or smoothing, even where ``skip_roles`` lists it; a
+        smaller share follows the skip rules (on UNets and PixArt these roles are a few percent).
+        ``weight_only=None`` chooses per layer: int8 per channel without a branch where that takes no
+        more bytes than the recipe's ``weight`` format with its low-rank branch (narrow layers), else
+        that format and branch (:func:`diffq.quantization.selection.choose_layers`); an 8-bit
+        ``weight_only`` never gets a branch. ``weight_only_roles=()`` keeps those roles in 16 bits.
+    int8_weight_roles: roles of ``skip_roles`` whose weights are stored int8 per channel
+        (weight-only, no branch, 16-bit activations) instead of 16 bits, whatever their share: by
+        default the UNets' reference set of the 4-bit-activation presets (``shortcut``, ``resample``,
+        ``proj``), which keeps them out of 4-bit quantization at half their 16-bit bytes; ``()`` keeps
+        them in 16 bits (the reference SVDQuant set as it is).
     min_features: layers with fewer input or output features stay in 16 bits.
     bit_plan: path of a BitPlan JSON (``mixed`` recipe): per-layer preset names.
     text_encoder: also quantize every Linear of the text encoders with the same ``weight`` format
@@ -123,6 +136,7 @@ class Recipe:
     gptq_act_order: bool = False
     gptq_weighted_clip: bool = False
     act_unsigned: bool = False
+    act_center: bool = False
     split_shortcut: bool = True
     skip_roles: tuple[str, ...] = DEFAULT_SKIP_ROLES
     skip_patterns: tuple[str, ...] = ()
@@ -130,6 +144,7 @@ class Recipe:
     weight_only_roles: tuple[str, ...] = DEFAULT_WEIGHT_ONLY_ROLES
     weight_only_share: float = 0.1
     weight_only: QuantSpec | None = None
+    int8_weight_roles: tuple[str, ...] = DEFAULT_INT8_WEIGHT_ROLES
     min_features: int = 16
     bit_plan: str | None = None
     text_encoder: bool = False
@@ -159,7 +174,7 @@ class Recipe:
         if not isinstance(self.name, str):
             bad("name", "a string")
         for k in ("act_static", "split_shortcut", "text_encoder", "attn_smooth_k", "smooth_search",
-                  "timestep_balance", "gptq_act_order", "gptq_weighted_clip", "act_unsigned"):
+                  "timestep_balance", "gptq_act_order", "gptq_weighted_clip", "act_unsigned", "act_center"):
             if not isinstance(getattr(self, k), bool):
                 bad(k, "true or false")
         for k in ("rank", "min_features", "attn_block", "lowrank_refit"):
@@ -237,11 +252,19 @@ class Recipe:
             )
         if self.act is not None and not self.act_static and self.act.granularity == "channel":
             raise RecipeError("dynamic activation scales are per 'token' or per 'group', not per 'channel'")
+        if self.act_center and (self.act is None or self.act_static):
+            raise RecipeError("act_center=True needs dynamic activation quantization (act set, act_static=False)")
+        if self.act_center and self.act_unsigned:
+            raise RecipeError(
+                "act_center and act_unsigned exclude each other: centering makes inputs signed again; "
+                "set one of them to false"
+            )
         if not 0.0 <= self.weight_only_share <= 1.0:
             raise RecipeError(f"weight_only_share={self.weight_only_share} must be in [0, 1] (a share of the weights)")
-        bad = [r for r in self.weight_only_roles if r not in ROLES]
-        if bad:
-            raise RecipeError(f"unknown roles {bad} in weight_only_roles; roles are {list(ROLES)}")
+        for k in ("weight_only_roles", "int8_weight_roles"):
+            bad = [r for r in getattr(self, k) if r not in ROLES]
+            if bad:
+                raise RecipeError(f"unknown roles {bad} in {k}; roles are {list(ROLES)}")
         bad = [r for r in self.skip_roles if r not in ROLES]
         if bad:
             raise RecipeError(f"unknown roles {bad} in skip_roles; roles are {list(ROLES)}")

@@ -10,12 +10,15 @@ from torch import nn
 
 from diffq.errors import RecipeError
 from diffq.formats import QuantSpec, pack_multiple
+from diffq.methods.lowrank import effective_rank
 from diffq.modules.layers import in_out, quantizable_layers
 from diffq.pipelines.roles import role_of as common_role_of
 from diffq.quantization.presets import get_preset
 from diffq.quantization.recipe import Recipe
 
 MIN_GROUP = 8
+#: the weight-only alternative of a 4-bit layer with a branch when it is no larger (the default ``weight_only``)
+WEIGHT_ONLY_INT8 = QuantSpec("int8", "channel")
 #: the bit-plan entry that keeps a layer dense (16 bits)
 KEEP_DENSE = "fp16"
 
@@ -76,6 +79,23 @@ def weight_only_roles(recipe: Recipe, layers: dict[str, nn.Module], role_of: Cal
     return {r for r in recipe.weight_only_roles if shares.get(r, 0.0) >= recipe.weight_only_share}
 
 
+def _weight_only_format(recipe: Recipe, mod: nn.Module, ch: LayerChoice) -> QuantSpec | None:
+    """The weight format of a weight-only layer: ``recipe.weight_only`` when set; else int8 per
+    channel (no branch) when it takes no more bytes than the recipe's weight format with its low-rank
+    branch, which it does on narrow layers (digits-dit's adaLN: 768 x 128), else that format and branch
+    (FLUX's adaLN: 18432 x 3072, where int8 would be 1.9x the bytes)."""
+    if recipe.weight_only is not None or recipe.weight is None:
+        return recipe.weight_only or recipe.weight
+    n, k = mod.weight.shape[0], mod.weight[0].numel()
+    w4 = fit_group(recipe.weight, in_out(mod)[0]) or _row_spec(recipe.weight, False)
+    rank = effective_rank(recipe.rank, n, k, recipe.rank_ratio)
+    four_bit = w4.stored_bytes(n, k) + 2 * rank * (n + k)
+    if WEIGHT_ONLY_INT8.stored_bytes(n, k) <= four_bit:
+        ch.decisions["weight_only"] = f"int8 per channel: no more bytes than {w4.describe()} + rank {rank}"
+        return WEIGHT_ONLY_INT8
+    return recipe.weight
+
+
 def choose_layers(
     denoiser: nn.Module,
     recipe: Recipe,
@@ -107,7 +127,9 @@ def choose_layers(
         forced = any(p.search(name) for p in includes)
         cin, cout = in_out(mod)
         layer_recipe = recipe
-        w_only = role in weight_only and not forced
+        # int8 weights for the skipped roles of int8_weight_roles (the UNets' reference 16-bit set)
+        w8 = plan is None and not forced and role in recipe.skip_roles and role in recipe.int8_weight_roles
+        w_only = (role in weight_only or w8) and not forced
         if plan is not None:
             choice = plan.get(name)
             if choice is None or choice == KEEP_DENSE:
@@ -124,7 +146,7 @@ def choose_layers(
         if min(cin, cout) < recipe.min_features:
             ch.skip = f"smaller than min_features={recipe.min_features}"
             continue
-        w = (recipe.weight_only or recipe.weight) if w_only else layer_recipe.weight
+        w = WEIGHT_ONLY_INT8 if w8 else _weight_only_format(recipe, mod, ch) if w_only else layer_recipe.weight
         if w is None:
             ch.skip = "recipe has no weight format"
             continue
@@ -137,7 +159,7 @@ def choose_layers(
             m = pack_multiple(ch.weight.bits)
             ch.skip = f"input width {cin} cannot be bit-packed at {ch.weight.bits} bits (needs a multiple of {m})"
             continue
-        ch.rank = layer_recipe.rank
+        ch.rank = 0 if w_only and ch.weight.bits >= 8 else layer_recipe.rank  # 8-bit weights need no branch
         ch.smooth_alpha = None if w_only else layer_recipe.smooth_alpha
         ch.recipe = layer_recipe
     return out
