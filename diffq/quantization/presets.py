@@ -70,9 +70,10 @@ DESCRIPTIONS = {
     "a candidate for mixed precision (too lossy alone for most models), reference path only",
     "w4a16": "int4 weights (group 64, GPTQ with MSE-clipped groups), 16-bit activations",
     "w4a4": "int4 weights and activations (group 64), plain round-to-nearest; UNet shortcut/resample/proj "
-    "convs in 16 bits",
+    "with int8 weights and 16-bit activations",
     "w4a4-svd": "SVDQuant-style: smoothing (strength searched per layer) + rank-32 16-bit branch + GPTQ int4 "
-    "weights + asymmetric int4 activations centred per sample; UNet shortcut/resample/proj convs in 16 bits",
+    "weights + asymmetric int4 activations (linear inputs centred per sample); UNet shortcut/resample/proj "
+    "with int8 weights and 16-bit activations",
     "w8a8-attn": "w8a8 plus quantized attention: INT8 Q·Kᵀ (block 64, K smoothed), FP8 E4M3 P·V",
     "w4a4-svd-attn": "w4a4-svd plus quantized attention: INT8 Q·Kᵀ (block 64, K smoothed), FP8 E4M3 P·V",
     "fp8": "FP8 E4M3 weights (per channel) and activations (per token)",
