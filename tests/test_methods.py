@@ -274,6 +274,11 @@ def test_centered_activations_remove_per_sample_channel_offsets():
         with torch.no_grad():
             out[label] = float((q(x) - lin(x)).square().sum())
     assert out["centered"] < 0.75 * out["plain"]  # the weight error is the same in both
+    # conv inputs are not centred (measured to hurt on digits-sd)
+    conv = nn.Conv2d(K, N, 3, padding=1)
+    recipe = _recipe(rounding="rtn", act_center=True)
+    assert not build_layer(LayerChoice("conv", "resblock_conv", conv, weight=recipe.weight, act=recipe.act,
+                                       recipe=recipe), None).act.center
 
 
 def test_centered_layer_round_trips_through_its_record():
