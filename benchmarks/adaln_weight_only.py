@@ -6,8 +6,9 @@ digits-dit: image quality and denoiser size, per preset, paired per image.
 
 Protocol of BENCHMARKS.md "Presets on the demo models": prompts 0..N-1 of the built-in digits set,
 seeds 0..N-1, 20 DDIM steps, guidance 5; calibration on ``--calib-prompts`` prompts, seeds 10000+.
-For each preset: the default recipe (adaLN weight-only in the recipe's weight format,
-``weight_only_roles=("adanorm",)``), the same with ``weight_only=int8`` (int8 per-channel adaLN), and
+For each preset: the default recipe (adaLN weight-only, ``weight_only_roles=("adanorm",)``: int8 per
+channel where that is no larger than the recipe's weight format with its branch, else that format),
+the same with ``weight_only=int4:g64`` and with ``weight_only=int8`` (int8 per-channel adaLN), and
 with ``weight_only_roles=[]`` (adaLN in 16 bits, diffq before issue 17); PSNR / SSIM
 against the FP images of the same prompts and seeds, digits-clip CLIP score and digit accuracy, and
 the paired per-image differences of each variant - 16-bit adaLN (mean ± standard error).
@@ -30,7 +31,8 @@ from benchmarks.attention_quality import GUIDANCE, STEPS, _paired
 RESULTS = Path(__file__).resolve().parent / "results"
 #: (label, recipe overrides); the last one is the reference of the paired differences
 VARIANTS = (
-    ("adaLN weight-only (default)", {}),
+    ("adaLN weight-only (default: int8 where no larger than int4 + branch)", {}),
+    ("adaLN int4 weight-only + branch", {"weight_only": "int4:g64"}),
     ("adaLN int8 weight-only", {"weight_only": "int8"}),
     ("adaLN 16-bit", {"weight_only_roles": []}),
 )
