@@ -1,6 +1,6 @@
 """diffq: quantize diffusers pipelines to 8/4 bits and measure what it costs and buys.
 
-Public API: ``load_model``, ``calibrate``, ``quantize``, ``save``, ``load``, ``load_pipeline``, ``Recipe``,
+Public API: ``load_model``, ``calibrate``, ``calibrate_streamed``, ``quantize``, ``save``, ``load``, ``load_pipeline``, ``Recipe``,
 ``get_preset``, ``PRESETS``, ``QuantSpec``, ``generate``, ``sensitivity``, ``allocate``, ``BitPlan``.
 Heavy submodules are imported lazily so ``import diffq`` is fast. The package layers (lower never
 imports higher; ``tests/test_layers.py`` enforces it) are listed in README.md ("Layout").
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "calibrate": ("diffq.calibration", "calibrate"),
+    "calibrate_streamed": ("diffq.quantization.streamed_calibration", "calibrate_streamed"),
     "CalibrationStats": ("diffq.calibration", "CalibrationStats"),
     "quantize": ("diffq.quantization.apply", "quantize"),
     "QuantSummary": ("diffq.quantization.summary", "QuantSummary"),

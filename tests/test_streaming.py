@@ -168,3 +168,33 @@ def test_two_processes_split_the_blocks_and_make_one_checkpoint(calibrated, refe
     loaded = diffq.load_pipeline(ckpt, copy.deepcopy(pipe))
     loaded.default_sample_size = pipe.default_sample_size
     _same(loaded, reference)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd"])
+def test_streamed_calibration_of_a_meta_denoiser_equals_in_memory(family, tmp_path):
+    """diffq.calibrate_streamed on a meta-built denoiser (weights read block by block from its file)
+    gives the in-memory run's statistics bit for bit, and leaves the denoiser on meta; a denoiser
+    whose weights are in memory is sent to diffq.calibrate."""
+    from diffq.errors import CalibrationError
+    from diffq.quantization.streamed_calibration import stream_blocks
+
+    pipe = tiny_pipeline(family)
+    den_name = "transformer" if family == "flux" else "unet"
+    den = getattr(pipe, den_name)
+    kw = {"num_inference_steps": 2, "progress": False, "reservoir": 8, **({} if family == "flux" else {"height": 32, "width": 32})}
+    ref = diffq.calibrate(pipe, ["a cat"], **kw)
+    src = tmp_path / "denoiser.safetensors"
+    save_file({k: v.contiguous() for k, v in den.state_dict().items()}, str(src))
+    meta_pipe = copy.deepcopy(pipe)
+    with torch.device("meta"):
+        meta_pipe.register_modules(**{den_name: type(den).from_config(den.config).eval()})
+    assert stream_blocks(getattr(meta_pipe, den_name))  # blocks exist: not one resident model
+    got = diffq.calibrate_streamed(meta_pipe, ["a cat"], dense_source=src, **kw)
+    assert streaming.meta_tensors(getattr(meta_pipe, den_name)) and not any(
+        not t.is_meta for t in getattr(meta_pipe, den_name).state_dict().values())
+    assert got.layers.keys() == ref.layers.keys() and got.num_steps == ref.num_steps
+    for name in ref.layers:
+        assert torch.equal(got.layers[name].channel_absmax(), ref.layers[name].channel_absmax())
+        assert torch.equal(got.reservoirs[name].rows, ref.reservoirs[name].rows)
+    with pytest.raises(CalibrationError, match="diffq.calibrate"):
+        diffq.calibrate_streamed(pipe, ["a cat"], dense_source=src, **kw)

@@ -62,6 +62,7 @@ def calibrate(
     reservoir: int = 0,
     attention_operands: bool = False,
     pipeline_kwargs: dict | None = None,
+    weights_id: str | None = None,
 ) -> CalibrationStats:
     """Collect per-timestep input statistics of every quantizable layer of ``pipe``'s denoiser.
 
@@ -87,6 +88,9 @@ def calibrate(
         itself runs in full precision: :func:`diffq.attention.probe_attention`).
     pipeline_kwargs: more ``pipe(...)`` arguments for every batch, e.g. FLUX's true CFG
         ``{"true_cfg_scale": 4.0, "negative_prompt": "blurry"}`` (two denoiser calls per step).
+    weights_id: the fingerprint of the denoiser's weights when they are not all in memory
+        (:func:`diffq.calibrate_streamed` passes the one of the file it streams them from); default:
+        computed from the weights.
     Raises CalibrationError on an empty prompt list or a NaN/Inf input (naming layer and step).
     """
     prompts = list(prompts)
@@ -107,7 +111,7 @@ def calibrate(
     # the base weights are part of the identity: stats of another fine-tune must never be mixed in
     extra_id = [sorted(pipeline_kwargs.items())] if pipeline_kwargs else []  # older run ids stay valid
     run_id = _run_id(all_prompts, num_inference_steps, guidance_scale, seed, batch_size, record_steps, height,
-                     width, weights_fingerprint(denoiser), reservoir, attention_operands,
+                     width, weights_id or weights_fingerprint(denoiser), reservoir, attention_operands,
                      *(["conv-patches"] if reservoir else []), *extra_id)
     operand_mods = find_attention_operands(denoiser) if attention_operands else {}
     probe_formats = default_probe_formats() if attention_operands else {}
