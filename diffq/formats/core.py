@@ -234,19 +234,25 @@ def encode(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec, zero: torch.Te
     return floating.round_fp8(x / scale, spec.dtype)
 
 
-def grid_values(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec, zero: torch.Tensor | None = None) -> torch.Tensor:
+def grid_values(
+    x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec, zero: torch.Tensor | None = None, *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``dequantize(encode(x, scale, spec, zero))`` in fp32 without materialising codes: the value
     each element rounds to (what error-feedback and clip searches need, column by column or for a
-    stack of candidate grids). Same broadcasting as :func:`encode`."""
-    y = torch.div(x.float(), scale)  # a new tensor: the rest works in place on it
+    stack of candidate grids). Same broadcasting as :func:`encode`. ``out``: an fp32 tensor of the
+    result's shape to write into (``x`` itself is allowed: rounding in place)."""
+    y = torch.div(x.float(), scale, out=out)  # a new tensor (or out): the rest works in place on it
     if spec.is_int:
         qlo, qhi = int_range(spec)
         if not spec.symmetric:
             return y.round_().add_(zero).clamp_(qlo, qhi).sub_(zero).mul_(scale)
         return y.round_().clamp_(qlo, qhi).mul_(scale)
     if spec.dtype == "fp4_e2m1":
-        return floating.e2m1_round(y).mul_(scale)
-    return floating.round_fp8(y, spec.dtype).float().mul_(scale)
+        v = floating.e2m1_round(y).mul_(scale)
+    else:
+        v = floating.round_fp8(y, spec.dtype).float().mul_(scale)
+    return v if out is None else out.copy_(v)
 
 
 def expand_grid(q: QTensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -6,6 +6,12 @@ For ``y = x · Wᵀ`` the output error of a rounding ``Q`` over calibration rows
 column's rounding error onto the columns not rounded yet, weighted by the upper Cholesky factor of
 ``H⁻¹``. Here:
 
+- the feedback comes from one Cholesky factorisation of ``H`` itself (in reversed column order),
+  not of ``H⁻¹`` (:func:`feedback_matrix`): the same rounding, a third of the floating-point work;
+  each column's error is then taken against the column before any feedback, and a group's scales
+  see the columns as the usual form has them (:func:`_group_columns`); tests/test_methods.py
+  checks the codes against the textbook algorithm in float64;
+
 - the grid (scales, zero points, NVFP4 global scale) is fixed beforehand by round-to-nearest with
   the recipe's clipping, so every integer and FP4 format works and the codes are stored exactly as
   :mod:`diffq.formats` defines them (:func:`diffq.formats.requantize`); act-order permutes the
@@ -47,30 +53,43 @@ def hessian(xw: torch.Tensor) -> torch.Tensor:
     return xw.t() @ xw
 
 
-def upper_inverse_cholesky(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` [C, C], λ = ``damp · mean(diag H)`` raised tenfold
-    until the factorisations succeed (a singular or indefinite H is damped, never an error); after
-    six tries the diagonal of H alone (no error propagation: round-to-nearest)."""
+def feedback_matrix(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """Error-feedback coefficients ``M`` [C, C] of GPTQ for the Hessian ``h``: unit upper triangular,
+    column ``j`` rounded to ``q_j`` moves ``M[j, k] · (w_j - q_j)`` onto every later column ``k``,
+    where ``w_j`` is the column *before* any feedback (see :func:`gptq_round`).
+
+    GPTQ's usual form rounds the *updated* column and scales its error by the upper Cholesky factor
+    ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``). The same rounding follows from the factorisation
+    ``H = V·Vᵀ`` with ``V`` upper triangular (a Cholesky factorisation of ``H`` in reversed column
+    order), with ``M = V · diag(V)⁻¹``: ``V = U⁻¹``, and accumulating the feedback of the updated
+    errors through ``U / diag(U)`` equals applying ``(U / diag(U))⁻¹ = V / diag(V)`` to the errors
+    against the original columns (GPTQ as Babai's nearest-plane algorithm). One Cholesky
+    factorisation of ``H`` instead of a factorisation, an inverse and a second factorisation: no
+    explicit ``H⁻¹``, a third of the floating-point work, and no loss of accuracy from the inverse.
+
+    Damping: ``λ = damp · mean(diag H)`` on the diagonal, raised tenfold until the factorisation
+    succeeds (a singular or indefinite H is damped, never an error); after six tries the identity
+    (no error propagation: round-to-nearest). Channels that never saw input get ``H_kk = 1``."""
     with one_thread(h.device):
-        return _upper_inverse_cholesky(h, damp)
+        return _feedback_matrix(h, damp)
 
 
-def _upper_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    h = h.clone()
+def _feedback_matrix(h: torch.Tensor, damp: float) -> torch.Tensor:
+    h = h.flip(0, 1)  # a copy: reversed column order, so that a lower factor of it is V reversed
     diag = h.diagonal()
-    dead = diag <= 0
-    diag[dead] = 1.0
-    mean = float(diag.mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    lam = damp * mean
+    diag[diag <= 0] = 1.0
+    undamped = diag.clone()
+    lam = damp * float(undamped.mean())
     for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        torch.add(undamped, lam, out=diag)
+        chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper
+            v = chol.flip(0, 1)  # upper triangular, H + λ'I = V Vᵀ
+            m = v / v.diagonal()
+            if bool(torch.isfinite(m).all()):
+                return m
         lam *= 10.0
-    return torch.diag((diag + damp * mean).rsqrt())
+    return torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
 
 
 def dynamic_groups(spec: QuantSpec, act_order: bool, block: int = BLOCK) -> bool:
@@ -100,7 +119,8 @@ def gptq_round(
     replaces the given one for those columns (dynamic groups). Not with act-order.
     Returns the rounded values [R, K] fp32 (each on its element's grid point).
 
-    Works on the transposed weight, so that every column GPTQ touches is contiguous in memory.
+    Works on the transposed weight, so that every column GPTQ touches is contiguous in memory, and
+    rounds each column in place once reached (the error-fed copy becomes the result).
     """
     k = w.shape[1]
     if regroup is not None and (act_order or group % SUB_BLOCK or block % group):
@@ -109,39 +129,48 @@ def gptq_round(
     if perm is not None:
         w, scale, h = w[:, perm], scale[:, perm], h[perm][:, perm]
         zero = None if zero is None else zero[:, perm]
-    wt = w.float().t().contiguous()  # [K, R]: row j is column j
+    w0 = w.float().t().contiguous()  # [K, R]: row j is column j, before any feedback
+    wt = w0.clone()  # the columns with feedback; each becomes its rounded values once reached
     st = scale.t().contiguous()
     zt = None if zero is None else zero.t().contiguous()
-    u = upper_inverse_cholesky(h, damp)
-    out = torch.empty_like(wt)
+    m = feedback_matrix(h, damp)
     err = torch.empty(block, wt.shape[1], dtype=wt.dtype, device=wt.device)
     for b1 in range(0, k, block):
         b2 = min(b1 + block, k)
-        ub = u[b1:b2, b1:b2]
-        inv_diag = (1.0 / ub.diagonal()).tolist()
         with one_thread(wt.device):  # small ops: serial (see diffq.methods.threads)
             for s1 in range(b1, b2, SUB_BLOCK):
                 s2 = min(s1 + SUB_BLOCK, b2)
                 if regroup is not None and s1 % group == 0:
-                    sc, z = regroup(s1, wt[s1 : s1 + group].t())
+                    sc, z = regroup(s1, _group_columns(w0, wt, m, s1, s1 + group).t())
                     st[s1 : s1 + group] = sc.reshape(1, -1)
                     if zt is not None:
                         zt[s1 : s1 + group] = z.reshape(1, -1)
                 for j in range(s1, s2):
-                    q = grid_values(wt[j], st[j], spec, None if zt is None else zt[j])
-                    out[j] = q
-                    e = err[j - b1]
-                    torch.sub(wt[j], q, out=e).mul_(inv_diag[j - b1])
+                    q = grid_values(wt[j], st[j], spec, None if zt is None else zt[j], out=wt[j])
+                    e = torch.sub(w0[j], q, out=err[j - b1])
                     if j + 1 < s2:
-                        wt[j + 1 : s2].sub_(ub[j - b1, j + 1 - b1 : s2 - b1, None] * e)
+                        wt[j + 1 : s2].addr_(m[j, j + 1 : s2], e)
                 if s2 < b2:
-                    wt[s2:b2].sub_(ub[s1 - b1 : s2 - b1, s2 - b1 :].t() @ err[s1 - b1 : s2 - b1])
+                    wt[s2:b2].addmm_(m[s1:s2, s2:b2].t(), err[s1 - b1 : s2 - b1])
         if b2 < k:
-            wt[b2:].sub_(u[b1:b2, b2:].t() @ err[: b2 - b1])
+            wt[b2:].addmm_(m[b1:b2, b2:].t(), err[: b2 - b1])
+    out = wt
     out = out.t()
     if perm is not None:
         out = out[:, torch.argsort(perm)]
     return out
+
+
+def _group_columns(w0: torch.Tensor, wt: torch.Tensor, m: torch.Tensor, g1: int, g2: int) -> torch.Tensor:
+    """Columns ``g1:g2`` [g, R] (transposed layout) as GPTQ's usual form has them when their group
+    starts: the original columns plus the optimal compensation of the error of every column rounded
+    so far. ``wt`` holds them with the feedback of :func:`feedback_matrix`, which equals that
+    compensation only once a column itself is reached; inside the group the two differ by the
+    group's diagonal block of ``M``: compensation = feedback · ``M[g1:g2, g1:g2]⁻¹`` (row vectors), a
+    triangular solve of the group's width."""
+    fed = wt[g1:g2] - w0[g1:g2]
+    comp = torch.linalg.solve_triangular(m[g1:g2, g1:g2].t(), fed, upper=False, unitriangular=True)
+    return comp.add_(w0[g1:g2])
 
 
 def gptq_quantize(
