@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from diffq.methods.lowrank import top_subspace, warm_start
-from diffq.methods.smoothing import apply_smoothing, smooth_factors, weight_absmax
+from diffq.methods.smoothing import smooth_factors, weight_absmax
 
 ALPHA_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -96,11 +96,12 @@ def search_alpha(
     dense = x @ (w if rows is None else w[rows]).t() if direct else None  # [n, outputs]
     for alpha in grid:
         s = smooth_factors(profile, w, alpha, cin, weight_max=w_max)
-        ws = apply_smoothing(w, s)
-        sub = ws if rows is None else ws[rows]
+        col = s.repeat(w.shape[1] // cin)  # W·s = W · diag(col) (rows channel-fastest), never materialised
+        sub = (w if rows is None else w[rows]) * col
         us = None
         if rank > 0:
-            u, sv, vh = top_subspace(ws, rank, start=warm_start(start, ws, rank), iters=1 if start is not None else 4)
+            u, sv, vh = top_subspace(w, rank, start=warm_start(start, w, rank), iters=1 if start is not None else 4,
+                                     col_scale=col)
             start = vh.t() * sv.sqrt()
             us = (u if rows is None else u[rows]) * sv
             r = sub - us @ vh
