@@ -17,7 +17,9 @@ from diffq.calibration.stats import LayerStats
 from diffq.errors import CalibrationError
 from diffq.formats import NVFP4, QuantSpec, decode_scale, dequantize, grid_values, quantize, range_grid
 from diffq.methods.gptq import DAMP, feedback_matrix, gptq_quantize
-from diffq.methods.smoothing import channel_profile
+from diffq.methods.lowrank import top_subspace
+from diffq.methods.smooth_search import output_error, search_alpha
+from diffq.methods.smoothing import apply_smoothing, channel_profile, smooth_factors
 from diffq.modules import ActQuantizer, ShiftedActQuantizer
 from diffq.pipelines.input_bounds import FLOORS
 from diffq.quantization.build import build_layer
@@ -277,6 +279,37 @@ def test_shifted_unsigned_activations_are_exact_and_beat_signed_on_gelu_inputs()
     signed_err = float((out["signed"][1] - ref).square().sum())
     unsigned_err = float((y - ref).square().sum())
     assert unsigned_err < 0.8 * signed_err
+
+
+def test_alpha_search_scores_are_the_explicit_output_errors():
+    """search_alpha's shortcuts (dense part once, the branch through its factors, the smoothed weight
+    never materialised, values without codes) give the error of the explicitly built candidate."""
+    lin = _layer()
+    w = lin.weight.detach().float()
+    x = torch.cat(_inputs(seed=1))
+    rw = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(4)) + 0.5
+    profile = x.abs().amax(0)
+    wv = lambda r, s: dequantize(quantize(r, W4))
+    av = lambda xs, s: dequantize(quantize(xs, A4))
+    found = search_alpha(w, profile, x, rw, rank=8, weight_values=wv, act_values=av, outputs=64)
+    rows = torch.randperm(N, generator=torch.Generator().manual_seed(0))[:64].sort().values
+    for alpha, got in found.errors.items():
+        s = smooth_factors(profile, w, alpha, K)
+        ws = apply_smoothing(w, s)
+        u, sv, vh = top_subspace(ws, 8)
+        r = ws[rows] - (u[rows] * sv) @ vh
+        want = output_error(x / s, av(x / s, s), r, wv(r, s), rw)
+        assert abs(got - want) <= 1e-4 * want, (alpha, got, want)
+
+
+def test_range_finder_with_column_scale_is_that_of_the_scaled_weight():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(600, 40, generator=g) @ torch.randn(40, 700, generator=g) + 0.01 * torch.randn(600, 700, generator=g)
+    col = torch.rand(700, generator=g) * 3 + 0.1
+    u1, s1, vh1 = top_subspace(w, 16, col_scale=col)  # randomized: min side 600 > 512
+    u2, s2, vh2 = top_subspace(w * col, 16)
+    assert torch.allclose(s1, s2, rtol=1e-4)
+    assert torch.allclose((u1 * s1) @ vh1, (u2 * s2) @ vh2, atol=1e-3 * float(s2[0]) / 700 ** 0.5)
 
 
 def test_presets_that_need_rows_say_so():
