@@ -161,6 +161,9 @@ def run(model: str, configs: dict[str, str], *, num_prompts: int, calib_prompts:
             "accuracy": judge.accuracy(imgs, prompts), "quantize_s": round(qtime, 2),
             # paired per-image PSNR difference against the table's first row (same prompts and seeds)
             "psnr_vs_first_row": None if first_psnr is None else _mean_se(ps - first_psnr),
+            # per image (seed order), for paired comparisons between runs of different code
+            "per_image": {"psnr": [round(float(v), 4) for v in ps], "ssim": [round(float(v), 5) for v in ss],
+                          "clip_vs_fp_pct": [round(float(v), 4) for v in dclip]},
         }
         first_psnr = ps if first_psnr is None else first_psnr
         rows.append(row)

@@ -19,6 +19,7 @@ from diffq.formats import (
     pack_int4,
     pack_multiple,
     quantize,
+    rtn_values,
     unpack_bits,
     unpack_int4,
 )
@@ -176,6 +177,28 @@ def test_zero_size_and_all_zero(spec):
     q = quantize(z, spec)
     assert torch.all(q.scale > 0), "zero scales are clamped, never 0"
     assert torch.equal(dequantize(q), z)
+
+
+RTN_SPECS = INT_SPECS + FP_SPECS + [QuantSpec("int4", "group", 64, "fp16"), QuantSpec("uint4", "group", 64, "fp16")]
+
+
+@pytest.mark.parametrize("spec", RTN_SPECS, ids=lambda s: s.describe())
+@pytest.mark.parametrize("clipped", [False, True])
+def test_rtn_values_are_the_round_trip_bit_for_bit(spec, clipped):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 128, generator=g) * torch.logspace(-3, 1, 128)  # a range of magnitudes and outliers
+    x[5, 7] = 40.0
+    ratio = None
+    if clipped:
+        groups = {"tensor": (1, 1), "channel": (24, 1), "token": (24, 1)}.get(spec.granularity, (24, 128 // (spec.group_size or 1)))
+        ratio = 0.5 + 0.5 * torch.rand(groups, generator=g)
+    assert torch.equal(rtn_values(x, spec, clip_ratio=ratio), dequantize(quantize(x, spec, clip_ratio=ratio)))
+    # the activation path's fake quantization is the same round trip (dynamic and static ranges, bf16)
+    xb = x.to(torch.bfloat16)
+    assert torch.equal(fake_quantize(xb, spec, clip_ratio=ratio),
+                       dequantize(quantize(xb, spec, clip_ratio=ratio), dtype=torch.bfloat16))
+    amax = 2.0 * torch.rand(24, 1, generator=g) if spec.granularity != "tensor" else 1.5
+    assert torch.equal(fake_quantize(x, spec, amax=amax), dequantize(quantize(x, spec, amax=amax)))
 
 
 def test_huge_range_saturates_not_overflows():

@@ -15,9 +15,11 @@ from diffq.calibration import CalibrationStats
 from diffq.calibration.reservoir import InputReservoir
 from diffq.calibration.stats import LayerStats
 from diffq.errors import CalibrationError
-from diffq.formats import NVFP4, QuantSpec, decode_scale, dequantize, quantize
-from diffq.methods.gptq import gptq_quantize, upper_inverse_cholesky
-from diffq.methods.smoothing import channel_profile
+from diffq.formats import NVFP4, QuantSpec, decode_scale, dequantize, grid_values, quantize, range_grid
+from diffq.methods.gptq import DAMP, feedback_matrix, gptq_quantize
+from diffq.methods.lowrank import top_subspace
+from diffq.methods.smooth_search import output_error, search_alpha
+from diffq.methods.smoothing import apply_smoothing, channel_profile, smooth_factors
 from diffq.modules import ActQuantizer, ShiftedActQuantizer
 from diffq.pipelines.input_bounds import FLOORS
 from diffq.quantization.build import build_layer
@@ -137,6 +139,40 @@ def test_gptq_lowers_calibration_output_error_for_every_format(spec, act_order):
     assert e_gptq < 0.9 * e_rtn, (float(e_gptq), float(e_rtn))
 
 
+def _textbook_gptq(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """GPTQ as published, in float64, one column at a time: the upper Cholesky factor U of the damped
+    H⁻¹, the *updated* column rounded, its error scaled by 1/U_jj and moved onto the later columns;
+    group scales (min-max) from the updated columns when a group starts. Returns the rounded values."""
+    w = w.double().clone()
+    h = (x.t() @ x).double()
+    h += DAMP * float(h.diagonal().mean()) * torch.eye(h.shape[0], dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    g = spec.group_size if spec.granularity == "group" else w.shape[1]
+    q = torch.empty_like(w)
+    for j in range(w.shape[1]):
+        if j % g == 0:
+            scale = range_grid(spec, w[:, j : j + g].abs().amax(1).float())[0].double()
+        q[:, j] = grid_values(w[:, j], scale, spec)
+        w[:, j + 1 :] -= ((w[:, j] - q[:, j]) / u[j, j])[:, None] * u[j, j + 1 :][None]
+    return q
+
+
+@pytest.mark.parametrize("spec", [W4, QuantSpec("int4", "channel")], ids=lambda s: s.describe())
+def test_gptq_is_the_textbook_algorithm(spec):
+    """The implementation (lazy batches, feedback through the Cholesky factor of H itself, dynamic
+    groups from the compensated columns) rounds like the textbook algorithm: the same codes up to
+    fp32 noise (GPTQ is chaotic: one flipped tie changes the later columns) and the same error."""
+    lin = _layer()
+    x = torch.cat(_inputs(seed=1))
+    w = lin.weight.detach()
+    ref = _textbook_gptq(w, x, spec)
+    got = dequantize(gptq_quantize(w, quantize(w, spec), x)).double()
+    same = ((got - ref).abs() <= 1e-6 * ref.abs().amax()).double().mean()
+    err = lambda v: float((x.double() @ (w.double() - v).t()).square().sum())
+    assert same > 0.98, float(same)
+    assert abs(err(got) / err(ref) - 1) < 0.005, (err(got), err(ref))
+
+
 @pytest.mark.parametrize("kind", ["zero", "rank1", "nan_free_tiny"])
 def test_singular_hessian_is_damped_never_a_crash(kind):
     w = _layer().weight.detach()
@@ -148,8 +184,8 @@ def test_singular_hessian_is_damped_never_a_crash(kind):
         x = torch.randn(4, K) * 1e-20
     q = gptq_quantize(w, quantize(w, W4), x)
     assert torch.isfinite(dequantize(q)).all()
-    u = upper_inverse_cholesky(x.t() @ x)
-    assert torch.isfinite(u).all() and u.shape == (K, K)
+    m = feedback_matrix(x.t() @ x)
+    assert torch.isfinite(m).all() and m.shape == (K, K) and torch.equal(m.diagonal(), torch.ones(K))
 
 
 def _conv_input(seed: int) -> torch.Tensor:
@@ -302,6 +338,37 @@ def test_act_center_needs_dynamic_signed_activations():
         _recipe(act=None, act_center=True)
     with pytest.raises(ValueError, match="dynamic"):
         ActQuantizer(QuantSpec("int8", "tensor"), amax=torch.ones(1, 1), center=True)
+
+
+def test_alpha_search_scores_are_the_explicit_output_errors():
+    """search_alpha's shortcuts (dense part once, the branch through its factors, the smoothed weight
+    never materialised, values without codes) give the error of the explicitly built candidate."""
+    lin = _layer()
+    w = lin.weight.detach().float()
+    x = torch.cat(_inputs(seed=1))
+    rw = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(4)) + 0.5
+    profile = x.abs().amax(0)
+    wv = lambda r, s: dequantize(quantize(r, W4))
+    av = lambda xs, s: dequantize(quantize(xs, A4))
+    found = search_alpha(w, profile, x, rw, rank=8, weight_values=wv, act_values=av, outputs=64)
+    rows = torch.randperm(N, generator=torch.Generator().manual_seed(0))[:64].sort().values
+    for alpha, got in found.errors.items():
+        s = smooth_factors(profile, w, alpha, K)
+        ws = apply_smoothing(w, s)
+        u, sv, vh = top_subspace(ws, 8)
+        r = ws[rows] - (u[rows] * sv) @ vh
+        want = output_error(x / s, av(x / s, s), r, wv(r, s), rw)
+        assert abs(got - want) <= 1e-4 * want, (alpha, got, want)
+
+
+def test_range_finder_with_column_scale_is_that_of_the_scaled_weight():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(600, 40, generator=g) @ torch.randn(40, 700, generator=g) + 0.01 * torch.randn(600, 700, generator=g)
+    col = torch.rand(700, generator=g) * 3 + 0.1
+    u1, s1, vh1 = top_subspace(w, 16, col_scale=col)  # randomized: min side 600 > 512
+    u2, s2, vh2 = top_subspace(w * col, 16)
+    assert torch.allclose(s1, s2, rtol=1e-4)
+    assert torch.allclose((u1 * s1) @ vh1, (u2 * s2) @ vh2, atol=1e-3 * float(s2[0]) / 700 ** 0.5)
 
 
 def test_presets_that_need_rows_say_so():

@@ -14,6 +14,7 @@ from diffq.formats.core import (
     quantize,
     range_grid,
     requantize,
+    rtn_values,
     store_scale,
 )
 from diffq.formats.packing import pack_bits, pack_int4, pack_multiple, unpack_bits, unpack_int4
@@ -39,6 +40,7 @@ __all__ = [
     "quantize",
     "range_grid",
     "requantize",
+    "rtn_values",
     "store_scale",
     "unpack_bits",
     "unpack_int4",

@@ -35,25 +35,37 @@ def effective_rank(rank: int, out_features: int, in_features: int, rank_ratio: f
 
 
 def top_subspace(
-    w: torch.Tensor, rank: int, start: torch.Tensor | None = None, iters: int = POWER_ITERS
+    w: torch.Tensor, rank: int, start: torch.Tensor | None = None, iters: int = POWER_ITERS,
+    col_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of ``w`` [N, K] fp32: (U [N, r], S [r], Vh [r, K]).
 
     Small matrices get a full SVD; large ones a randomized range finder with ``iters`` power
     iterations, seeded (deterministic), or started from ``start`` [K, q] (a previous right basis,
     e.g. of the same weight at a nearby smoothing strength: one or two iterations then suffice).
+    col_scale [K]: the triplets of ``w · diag(col_scale)`` (a smoothed weight), which the range
+    finder never materialises (the scale goes onto its thin factors).
     """
     if min(w.shape) <= RANDOMIZED_ABOVE or rank >= min(w.shape) // 4:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        ws = w if col_scale is None else w * col_scale
+        u, s, vh = torch.linalg.svd(ws, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank]
     q = min(rank + OVERSAMPLE, min(w.shape))
     if start is None:
         gen = torch.Generator(device=w.device).manual_seed(0)
         start = torch.randn(w.shape[1], q, generator=gen, device=w.device, dtype=w.dtype)
-    basis = _orth(w @ start)  # [N, q]
+    col = None if col_scale is None else col_scale[:, None]
+
+    def times(b: torch.Tensor) -> torch.Tensor:  # W' b, b [K, q]
+        return w @ (b if col is None else col * b)
+
+    def times_t(b: torch.Tensor) -> torch.Tensor:  # W'ᵀ b, b [N, q]
+        return w.t() @ b if col is None else (w.t() @ b).mul_(col)
+
+    basis = _orth(times(start))  # [N, q]
     for _ in range(iters):
-        basis = _orth(w @ _orth(w.t() @ basis))
-    proj = basis.t() @ w  # [q, K]
+        basis = _orth(times(_orth(times_t(basis))))
+    proj = times_t(basis).t()  # [q, K]
     with one_thread(w.device):
         ub, s, vh = torch.linalg.svd(proj, full_matrices=False)
     return (basis @ ub)[:, :rank], s[:rank], vh[:rank]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from diffq.methods.lowrank import top_subspace, warm_start
-from diffq.methods.smoothing import apply_smoothing, smooth_factors
+from diffq.methods.smoothing import smooth_factors, weight_absmax
 
 ALPHA_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -34,7 +34,11 @@ class AlphaSearch:
 def output_error(x_s: torch.Tensor, xq: torch.Tensor, r: torch.Tensor, rq: torch.Tensor,
                  row_weight: torch.Tensor) -> float:
     """Σ_rows w_row ‖x_s Rᵀ - xq Rqᵀ‖², with R/Rq [N', Cin] (taps folded into rows) and rows [n, Cin]."""
-    d = x_s @ r.t() - xq @ rq.t()
+    return weighted_square_sum(x_s @ r.t() - xq @ rq.t(), row_weight)
+
+
+def weighted_square_sum(d: torch.Tensor, row_weight: torch.Tensor) -> float:
+    """Σ_rows w_row ‖d_row‖² of an output difference d [n, N']."""
     return float((d.square().sum(1) * row_weight).sum())
 
 
@@ -84,20 +88,33 @@ def search_alpha(
         rows = torch.randperm(n_out, generator=gen)[:outputs].sort().values.to(w.device)
     errors: dict[float, float] = {}
     start = None
+    w_max = weight_absmax(w, cin)  # the weight side of every candidate's factors
+    # With one input row per weight row (linears, im2col patches) x_s · (W·s)ᵀ = x · Wᵀ whatever α:
+    # the dense part of every candidate's error is computed once, the branch's part through its
+    # factors (rank r instead of K), and each candidate costs one large product instead of two.
+    direct = x.shape[1] == w.shape[1]
+    dense = x @ (w if rows is None else w[rows]).t() if direct else None  # [n, outputs]
     for alpha in grid:
-        s = smooth_factors(profile, w, alpha, cin)
-        ws = apply_smoothing(w, s)
-        sub = ws if rows is None else ws[rows]
+        s = smooth_factors(profile, w, alpha, cin, weight_max=w_max)
+        col = s.repeat(w.shape[1] // cin)  # W·s = W · diag(col) (rows channel-fastest), never materialised
+        sub = (w if rows is None else w[rows]) * col
+        us = None
         if rank > 0:
-            u, sv, vh = top_subspace(ws, rank, start=warm_start(start, ws, rank), iters=1 if start is not None else 4)
+            u, sv, vh = top_subspace(w, rank, start=warm_start(start, w, rank), iters=1 if start is not None else 4,
+                                     col_scale=col)
             start = vh.t() * sv.sqrt()
-            r = sub - ((u if rows is None else u[rows]) * sv) @ vh
+            us = (u if rows is None else u[rows]) * sv
+            r = sub - us @ vh
         else:
             r = sub
         rq = weight_values(r, s)
         x_s = x / s.repeat(taps)
         xq = act_values(x_s.reshape(-1, cin), s).reshape(x_s.shape)  # activations are quantized per pixel
-        errors[alpha] = output_error(x_s, xq, tap_rows(r, x.shape[1]), tap_rows(rq, x.shape[1]), row_weight)
+        if direct:
+            exact = dense if us is None else dense - (x_s @ vh.t()) @ us.t()  # x_s · Rᵀ
+            errors[alpha] = weighted_square_sum(exact - xq @ rq.t(), row_weight)
+        else:
+            errors[alpha] = output_error(x_s, xq, tap_rows(r, x.shape[1]), tap_rows(rq, x.shape[1]), row_weight)
     return AlphaSearch(pick_alpha(errors), errors)
 
 

@@ -33,11 +33,13 @@ def channel_profile(absmax: torch.Tensor, observed: torch.Tensor, kind: str = "m
     return (a / top).mean(0) * top.mean()
 
 
-def smooth_factors(act_absmax: torch.Tensor, weight_rows: torch.Tensor, alpha: float, in_channels: int) -> torch.Tensor:
-    """act_absmax: [Cin] from calibration; weight_rows: [N, kh·kw·Cin] (channel-fastest) -> s [Cin] fp32."""
+def smooth_factors(act_absmax: torch.Tensor, weight_rows: torch.Tensor, alpha: float, in_channels: int, *,
+                   weight_max: torch.Tensor | None = None) -> torch.Tensor:
+    """act_absmax: [Cin] from calibration; weight_rows: [N, kh·kw·Cin] (channel-fastest) -> s [Cin] fp32.
+    weight_max: :func:`weight_absmax` of ``weight_rows`` when already known (a search over α)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"smoothing alpha must be in [0, 1], got {alpha}")
-    w = weight_absmax(weight_rows, in_channels)
+    w = weight_absmax(weight_rows, in_channels) if weight_max is None else weight_max
     a = act_absmax.float().clamp_min(1e-5)
     s = a.pow(alpha) / w.clamp_min(1e-5).pow(1.0 - alpha)
     return s.clamp(1e-5, 1e5)

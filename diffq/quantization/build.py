@@ -16,7 +16,7 @@ from torch import nn
 
 from diffq.calibration.act_scales import timestep_act_ranges
 from diffq.calibration.container import CalibrationStats
-from diffq.formats import QTensor, QuantSpec, dequantize, int_range, quantize
+from diffq.formats import QTensor, QuantSpec, int_range, quantize, rtn_values
 from diffq.formats.floating import FP_MAX
 from diffq.methods.gptq import dynamic_groups, gptq_quantize
 from diffq.methods.lowrank import effective_rank, lowrank_split, refit_lowrank
@@ -113,7 +113,9 @@ def build_layer(
     balance = recipe.timestep_balance
 
     def wq_values(r: torch.Tensor) -> torch.Tensor:
-        return dequantize(_rtn(r, choice.weight, recipe))
+        """deq(_rtn(r)) without the codes (bit-identical: diffq.formats.rtn_values)."""
+        spec = choice.weight
+        return rtn_values(r, spec, clip_ratio=clip_ratio_for(r, spec, recipe.weight_clip, recipe.percentile))
 
     smooth = None
     if choice.smooth_alpha is not None and st is not None:
