@@ -18,6 +18,7 @@ from diffq.errors import CalibrationError
 from diffq.formats import NVFP4, QuantSpec, decode_scale, dequantize, quantize
 from diffq.methods.gptq import gptq_quantize, upper_inverse_cholesky
 from diffq.methods.smoothing import channel_profile
+from diffq.methods.threads import one_thread
 from diffq.modules import ActQuantizer, ShiftedActQuantizer
 from diffq.pipelines.input_bounds import FLOORS
 from diffq.quantization.build import build_layer
@@ -151,6 +152,49 @@ def test_singular_hessian_is_damped_never_a_crash(kind):
     u = upper_inverse_cholesky(x.t() @ x)
     assert torch.isfinite(u).all() and u.shape == (K, K)
 
+
+
+def _literal_upper_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """The formula as written before the in-place version: cholesky((H + λ·eye)⁻¹) with λ raised tenfold."""
+    h = h.clone()
+    diag = h.diagonal()
+    diag[diag <= 0] = 1.0
+    with one_thread(h.device):
+        return _formula(h, diag, damp)
+
+
+def _formula(h: torch.Tensor, diag: torch.Tensor, damp: float) -> torch.Tensor:
+    lam, eye = damp * float(diag.mean()), torch.eye(h.shape[0])
+    for _ in range(6):
+        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper
+        lam *= 10.0
+    return torch.diag((diag + damp * float(diag.mean())).rsqrt())
+
+
+@pytest.mark.parametrize("kind", ["full", "dead_channels", "rank_deficient", "negative_zeros", "indefinite"])
+@pytest.mark.parametrize("damp", [0.01, 0.0])
+def test_in_place_inverse_cholesky_is_bit_identical_to_the_formula(kind, damp):
+    """The Hessian factor is built in one buffer (memory: H plus one [C, C] matrix, not six) and must
+    give exactly the bits of the out-of-place formula, H untouched."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(96, 160, generator=g) * torch.rand(160, generator=g) * 10
+    if kind == "dead_channels":
+        x[:, :40] = 0
+    elif kind == "rank_deficient":
+        x = x[:20]
+    h = x.t() @ x
+    if kind == "negative_zeros":
+        h[0, 1] = h[1, 0] = -0.0
+    elif kind == "indefinite":
+        h = h - h.diagonal().max() * torch.eye(160)
+    before = h.clone()
+    got, want = upper_inverse_cholesky(h, damp), _literal_upper_inverse_cholesky(h, damp)
+    assert torch.equal(got, want) and bool((got.signbit() == want.signbit()).all())
+    assert torch.equal(h, before)
 
 def _conv_input(seed: int) -> torch.Tensor:
     """Spatially smooth, channel-correlated conv inputs [4, 32, 8, 8] (neighbouring pixels alike)."""

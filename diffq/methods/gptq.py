@@ -28,6 +28,7 @@ column's rounding error onto the columns not rounded yet, weighted by the upper 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -56,22 +57,61 @@ def upper_inverse_cholesky(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
 
 
 def _upper_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    h = h.clone()
-    diag = h.diagonal()
-    dead = diag <= 0
-    diag[dead] = 1.0
-    mean = float(diag.mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    fixed = h.clone()  # the mean over the strided diagonal view, as always (a contiguous copy sums in another order)
+    view = fixed.diagonal()
+    view[view <= 0] = 1.0
+    mean = float(view.mean())
+    diag = view.clone()
+    del view, fixed
     lam = damp * mean
     for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        # one [C, C] buffer besides H: H + λI is factored, inverted and factored again in place, through
+        # its column-major view (LAPACK's layout: a symmetric matrix is its own transpose), so torch
+        # makes no column-major copies; bit for bit the results of the out-of-place calls
+        work = _damped(h, diag, lam)
+        lapack = work.mT
+        info = torch.empty((), dtype=torch.int32, device=h.device)
+        torch.linalg.cholesky_ex(lapack, out=(lapack, info))
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper
+            torch.cholesky_inverse(lapack, out=lapack)
+            torch.linalg.cholesky_ex(lapack, upper=True, out=(lapack, info))
+            if int(info) == 0 and _all_finite(work):
+                return _transpose_in_place(work)  # row-major memory of the upper factor
+        del work, lapack
         lam *= 10.0
     return torch.diag((diag + damp * mean).rsqrt())
 
+
+def _damped(h: torch.Tensor, diag: torch.Tensor, lam: float) -> torch.Tensor:
+    """``H' + λ·I`` [C, C] where H' is ``h`` with the diagonal ``diag``, without an identity matrix."""
+    if not (math.isfinite(lam) and lam >= 0):  # λ·0 is NaN or -0.0 off the diagonal: the literal formula
+        fixed = h.clone()
+        fixed.diagonal().copy_(diag)
+        return fixed + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    out = h + 0.0  # λ·I is +0.0 off the diagonal (λ >= 0): -0.0 entries become +0.0 as in H + λ·I
+    out.diagonal().copy_(diag + lam)
+    return out
+
+
+
+
+def _all_finite(a: torch.Tensor, rows: int = 512) -> bool:
+    """``isfinite(a).all()`` of a matrix, a block of rows at a time (no [C, C] boolean temporaries)."""
+    return all(bool(torch.isfinite(a[i : i + rows]).all()) for i in range(0, a.shape[0], rows))
+
+def _transpose_in_place(a: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """``a`` [C, C] overwritten by its transpose, block by block (a copy, exact), with one
+    ``block x block`` temporary instead of a second [C, C] matrix."""
+    n = a.shape[0]
+    for i in range(0, n, block):
+        rows = slice(i, min(i + block, n))
+        a[rows, rows] = a[rows, rows].t().clone()
+        for j in range(i + block, n, block):
+            cols = slice(j, min(j + block, n))
+            upper = a[rows, cols].clone()
+            a[rows, cols] = a[cols, rows].t()
+            a[cols, rows] = upper.t()
+    return a
 
 def dynamic_groups(spec: QuantSpec, act_order: bool, block: int = BLOCK) -> bool:
     """Whether :func:`gptq_quantize` recomputes each group's scales when it reaches the group."""
