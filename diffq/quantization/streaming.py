@@ -122,7 +122,8 @@ class DenseSource:
 def release_dense(modules: list[nn.Module]) -> None:
     """Put the parameters and buffers of dense layers that were swapped out (their quantized
     replacements are in the model) back on ``meta``: shapes and dtypes stay for the summary, the
-    memory goes. Only for dense weights read from a ``dense_source`` (they are not the caller's)."""
+    memory goes. Only for layers whose weights were read from a ``dense_source`` (never the caller's
+    tensors)."""
     for mod in modules:
         for store in (mod._parameters, mod._buffers):
             for key, t in store.items():
@@ -259,15 +260,16 @@ def install_blocks(
             if dense_source is not None:  # the block's 16-bit rest (norms, skipped layers)
                 dense_source.materialise(root, block)
         else:
+            from_file = []  # layers whose weights this call reads from the file (not the caller's tensors)
             if dense_source is not None:
+                from_file = [c.name for c in chs if any(t.is_meta for t in c.module.parameters())]
                 dense_source.materialise(root, block)
             t0, c0 = time.perf_counter(), time.process_time()
             new = install_layers(root, chs, stats, splits, tracker, progress=trim_heap)  # trimmed after each layer
             secs = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "rank": rank}
             _write_block(path, block, new, secs)
             built.update(new)
-            if dense_source is not None:
-                release_dense([c.module for c in chs if c.name in new])
+            release_dense([c.module for c in chs if c.name in new and c.name in from_file])
         trim_heap()
         if progress is not None:
             for _ in chs:
