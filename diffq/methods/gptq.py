@@ -93,11 +93,10 @@ def _damped(h: torch.Tensor, diag: torch.Tensor, lam: float) -> torch.Tensor:
     return out
 
 
-
-
 def _all_finite(a: torch.Tensor, rows: int = 512) -> bool:
     """``isfinite(a).all()`` of a matrix, a block of rows at a time (no [C, C] boolean temporaries)."""
     return all(bool(torch.isfinite(a[i : i + rows]).all()) for i in range(0, a.shape[0], rows))
+
 
 def _transpose_in_place(a: torch.Tensor, block: int = 512) -> torch.Tensor:
     """``a`` [C, C] overwritten by its transpose, block by block (a copy, exact), with one
@@ -112,6 +111,7 @@ def _transpose_in_place(a: torch.Tensor, block: int = 512) -> torch.Tensor:
             a[rows, cols] = a[cols, rows].t()
             a[cols, rows] = upper.t()
     return a
+
 
 def dynamic_groups(spec: QuantSpec, act_order: bool, block: int = BLOCK) -> bool:
     """Whether :func:`gptq_quantize` recomputes each group's scales when it reaches the group."""
