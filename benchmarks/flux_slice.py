@@ -3,7 +3,7 @@ loaded without the bf16 transformer (peak RSS, identical images), and the peak R
 quantization of a deeper FLUX-config model.
 
     python -m benchmarks.flux_slice slice  [--out DIR]   # width 3072, 1 double + 2 single blocks
-    python -m benchmarks.flux_slice stream [--out DIR] [--double 6] [--single 12] [--heads 8]
+    python -m benchmarks.flux_slice stream [--out DIR] [--double 6] [--single 12] [--heads 8] [--rtn]
 
 Both build a ``FluxPipeline`` around a ``FluxTransformer2DModel`` from FLUX.1's config
 (:data:`benchmarks.model_configs.FLUX_DIT`, random bf16 weights, seed 0) cut to the given blocks
@@ -11,7 +11,9 @@ Both build a ``FluxPipeline`` around a ``FluxTransformer2DModel`` from FLUX.1's 
 (a 1-layer 768-wide CLIP, a 1-layer 4096-wide T5) and a small 4-level VAE (scale 8, 16 latent
 channels), so 256x256 images make 256 image tokens as in FLUX. Calibration: 1 prompt x 2 steps.
 Every measurement runs in a fresh child process (peak RSS = ``ru_maxrss``, minus the RSS before the
-measured call). Writes ``DIR/flux_slice.json`` / ``DIR/flux_stream.json``.
+measured call; the calibration statistics, an input of the call, are paged in before that RSS is
+taken; RSS anon/file after every block and at a sampled peak are recorded too). Writes
+``DIR/flux_slice.json`` / ``DIR/flux_stream.json`` (``--rtn``: ``flux_stream_rtn.json``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from benchmarks.model_configs import FLUX_DIT
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT, SIZE, STEPS, TEXT_TOKENS = "a photo of a cat", 256, 2, 32
 PRESET = "w4a4-svd"
+#: ``--rtn``: the preset with round-to-nearest and a fixed smoothing strength (no GPTQ, no search; the
+#: quantizer of ``w4a4-svd`` before issue 15), for the memory of streaming without GPTQ's Hessians
+RTN = {"preset": PRESET, "rounding": "rtn", "smooth_search": False}
+RESERVOIR = 256  # input rows per layer and step: the preset's GPTQ and smoothing search need them
 
 
 def _rss_now() -> int:
@@ -41,6 +47,70 @@ def _rss_now() -> int:
 
 def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss_parts() -> dict[str, int]:
+    """RssAnon / RssFile (bytes) of this process: working memory vs. pages of mapped files."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _make_resident(stats) -> int:
+    """Read one value per 4 KiB page of every tensor of the calibration statistics (they are memory-
+    mapped from their file), so that they are resident before the measured call; returns their bytes."""
+    tensors = [t for name, st in stats.layers.items() for t in st.to_tensors(name).values()]
+    for group in (stats.reservoirs, stats.patches):
+        tensors += [t for name, res in group.items() for t in res.to_tensors(name).values()]
+    total = 0
+    for t in tensors:
+        if t.numel():
+            t.reshape(-1)[:: max(1, 4096 // t.element_size())].float().sum()
+            total += t.numel() * t.element_size()
+    return total
+
+
+class _BlockRss:
+    """Instrumentation of the measured call: RSS (anon/file) after every block, and the largest RSS a
+    10 ms sampling thread saw with its split and the block it was in (``ru_maxrss`` is the exact peak)."""
+
+    def __enter__(self):
+        import threading
+
+        from diffq.quantization import streaming
+
+        self.rows, self.peak, self._block, self._stop = [], {"rss": 0}, "-", False
+        self._streaming, real = streaming, streaming.install_layers
+
+        def per_block(root, chs, *a, **k):
+            from diffq.quantization.streaming import block_of
+
+            self._block = block_of(chs[0].name)
+            out = real(root, chs, *a, **k)
+            self.rows.append({"block": self._block, **_rss_parts()})
+            return out
+
+        def sample():
+            while not self._stop:
+                now = _rss_parts()
+                if now["RssAnon"] + now["RssFile"] > self.peak["rss"]:
+                    self.peak = {"rss": now["RssAnon"] + now["RssFile"], **now, "block": self._block}
+                time.sleep(0.01)
+
+        streaming.install_layers = per_block
+        self._real = real
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join()
+        self._streaming.install_layers = self._real
 
 
 def transformer_config(double: int, single: int, heads: int) -> dict:
@@ -110,7 +180,8 @@ def step_prepare(work: Path, config: dict) -> dict:
     shutil.rmtree(work / "base" / "transformer")
     t0 = time.perf_counter()
     stats = diffq.calibrate(pipe, [PROMPT], num_inference_steps=STEPS, height=SIZE, width=SIZE,
-                            pipeline_kwargs={"max_sequence_length": TEXT_TOKENS}, progress=False)
+                            pipeline_kwargs={"max_sequence_length": TEXT_TOKENS}, progress=False,
+                            reservoir=RESERVOIR)
     stats.save(work / "stats.safetensors")
     blocks = {}
     for name, mod in den.named_children():
@@ -131,7 +202,7 @@ def _meta_pipe(work: Path, config: dict):
     return pipe
 
 
-def step_quantize(work: Path, config: dict, streamed: bool) -> dict:
+def step_quantize(work: Path, config: dict, streamed: bool, recipe=PRESET) -> dict:
     """Quantize block by block (streamed: the transformer on meta, weights read per block from its file)."""
     import diffq
     from diffq.calibration import CalibrationStats
@@ -139,6 +210,7 @@ def step_quantize(work: Path, config: dict, streamed: bool) -> dict:
     from diffq.sizes import module_bytes
 
     stats = CalibrationStats.load(work / "stats.safetensors")
+    stats_bytes = _make_resident(stats)  # an input of the call: paged in before the baseline is taken
     if streamed:
         pipe = _meta_pipe(work, config)
     else:
@@ -146,13 +218,16 @@ def step_quantize(work: Path, config: dict, streamed: bool) -> dict:
 
         pipe = build_pipeline(config)
         pipe.transformer.load_state_dict(load_file(str(work / "transformer.safetensors")))
-    base_rss = _rss_now()
+    base_rss, base_parts = _rss_now(), _rss_parts()
     t0, c0 = time.perf_counter(), time.process_time()
-    diffq.quantize(pipe, PRESET, calibration=stats, progress=False, work_dir=work / "blocks",
-                   dense_source=work / "transformer.safetensors" if streamed else None)
+    with _BlockRss() as per_block:
+        diffq.quantize(pipe, recipe, calibration=stats, progress=False, work_dir=work / "blocks",
+                       dense_source=work / "transformer.safetensors" if streamed else None)
     out = {"quantize_wall_s": round(time.perf_counter() - t0, 1), "quantize_cpu_s": round(time.process_time() - c0, 1),
-           "rss_before": base_rss, "peak_rss": _peak(), "quantized_bytes": module_bytes(pipe.transformer),
-           "block_seconds": block_seconds(work / "blocks")}
+           "rss_before": base_rss, "rss_parts_before": base_parts, "peak_rss": _peak(),
+           "calibration_stats_bytes": stats_bytes, "quantized_bytes": module_bytes(pipe.transformer),
+           "block_seconds": block_seconds(work / "blocks"), "block_rss": per_block.rows,
+           "sampled_peak": per_block.peak}
     if not streamed:
         img = images(pipe)
         from safetensors.torch import save_file
@@ -207,13 +282,14 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--streamed", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--rtn", action="store_true", help="stream: round-to-nearest, fixed smoothing (see RTN)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = Path(args.out)
     config = transformer_config(args.double, args.single, args.heads)
     if args.what.startswith("_"):
         step = {"_prepare": lambda: step_prepare(work, config),
-                "_quantize": lambda: step_quantize(work, config, args.streamed),
+                "_quantize": lambda: step_quantize(work, config, args.streamed, RTN if args.rtn else PRESET),
                 "_load": lambda: step_load(work)}[args.what]
         print(json.dumps(step()))
         return
@@ -222,13 +298,15 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     common = ["--out", str(work), "--double", str(args.double), "--single", str(args.single), "--heads", str(args.heads)]
-    result = {"what": args.what, "config": transformer_config(args.double, args.single, args.heads), "preset": PRESET,
+    result = {"what": args.what, "config": transformer_config(args.double, args.single, args.heads),
+              "preset": RTN if args.rtn else PRESET,
               "image": SIZE, "steps": STEPS, "machine": "shared 2-core CPU, 1 torch thread per process"}
     result["prepare"] = _child(["_prepare", *common])
-    result["quantize"] = _child(["_quantize", *common, *(["--streamed"] if args.what == "stream" else [])])
+    result["quantize"] = _child(["_quantize", *common, *(["--streamed"] if args.what == "stream" else []),
+                                 *(["--rtn"] if args.rtn else [])])
     if args.what == "slice":
         result["load"] = _child(["_load", *common])
-    path = Path(args.json or RESULTS / f"flux_{args.what}.json")
+    path = Path(args.json or RESULTS / f"flux_{args.what}{'_rtn' if args.rtn else ''}.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

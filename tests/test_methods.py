@@ -188,6 +188,7 @@ def test_singular_hessian_is_damped_never_a_crash(kind):
     assert torch.isfinite(m).all() and m.shape == (K, K) and torch.equal(m.diagonal(), torch.ones(K))
 
 
+
 def _conv_input(seed: int) -> torch.Tensor:
     """Spatially smooth, channel-correlated conv inputs [4, 32, 8, 8] (neighbouring pixels alike)."""
     g = torch.Generator().manual_seed(seed)

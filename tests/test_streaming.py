@@ -132,6 +132,33 @@ def test_meta_denoiser_streamed_from_its_file_equals_in_memory(calibrated, refer
     _same(meta_pipe, reference)
 
 
+
+def test_streamed_dense_layers_are_released_after_their_block(calibrated, reference, tmp_path, monkeypatch):
+    """With dense_source, a block's dense weights live only while the block is quantized: every
+    swapped-out layer is back on meta when the call returns (its dtype kept for the summary)."""
+    from diffusers import FluxTransformer2DModel
+
+    pipe, stats = calibrated
+    src = tmp_path / "transformer.safetensors"
+    save_file({k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}, str(src))
+    meta_pipe = copy.deepcopy(pipe)
+    with torch.device("meta"):
+        meta_pipe.transformer = FluxTransformer2DModel.from_config(pipe.transformer.config).eval()
+    real, seen, materialised = streaming.install_layers, [], []
+
+    def spy(root, chs, *a, **k):
+        seen.extend(c for c in chs if c.skip is None)
+        materialised.append(all(not p.is_meta for c in chs for p in c.module.parameters()))
+        return real(root, chs, *a, **k)
+
+    monkeypatch.setattr(streaming, "install_layers", spy)
+    summary = diffq.quantize(meta_pipe, PRESET, calibration=stats, progress=False, work_dir=tmp_path / "w",
+                             dense_source=src)
+    assert len(seen) > 10 and all(materialised)
+    assert all(p.is_meta for c in seen for p in c.module.parameters())
+    assert summary == quant_state(reference.transformer).summary
+    _same(meta_pipe, reference)
+
 def test_work_dir_of_another_run_is_refused(calibrated, tmp_path):
     pipe, _ = calibrated
     diffq.quantize(copy.deepcopy(pipe), {"preset": "w4a8", "rounding": "rtn"}, progress=False, work_dir=tmp_path)

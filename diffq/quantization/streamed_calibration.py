@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import contextmanager
 
-import torch
 from torch import nn
 
 from diffq.calibration import CalibrationStats, calibrate
@@ -26,7 +25,7 @@ from diffq.errors import CalibrationError
 from diffq.fingerprint import tensors_fingerprint
 from diffq.pipelines.adapters import adapter_for
 from diffq.quantization.standalone import assign_dense, meta_tensors
-from diffq.quantization.streaming import DenseSource
+from diffq.quantization.streaming import DenseSource, release_dense
 
 
 def stream_blocks(denoiser: nn.Module) -> list[str]:
@@ -37,16 +36,6 @@ def stream_blocks(denoiser: nn.Module) -> list[str]:
         if isinstance(mod, nn.ModuleList) and not any(name.startswith(b + ".") for b in blocks):
             blocks += [f"{name}.{i}" for i in range(len(mod))]
     return blocks
-
-
-def _to_meta(module: nn.Module) -> None:
-    """Every parameter and buffer of ``module`` back on ``meta`` (same shapes and dtypes, no memory)."""
-    for sub in module.modules():
-        for store in (sub._parameters, sub._buffers):
-            for key, t in store.items():
-                if t is not None and not t.is_meta:
-                    meta = torch.empty_like(t, device="meta")
-                    store[key] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
 
 
 @contextmanager
@@ -60,13 +49,13 @@ def streamed_weights(denoiser: nn.Module, source: DenseSource):
     for b in blocks:
         mod = denoiser.get_submodule(b)
         handles.append(mod.register_forward_pre_hook(lambda m, args, b=b: source.materialise(denoiser, b)))
-        handles.append(mod.register_forward_hook(lambda m, args, out: _to_meta(m)))
+        handles.append(mod.register_forward_hook(lambda m, args, out: release_dense(list(m.modules()))))
     try:
         yield
     finally:
         for h in handles:
             h.remove()
-        _to_meta(denoiser)
+        release_dense(list(denoiser.modules()))
 
 
 def calibrate_streamed(pipe, prompts: Sequence[str], *, dense_source, **kwargs) -> CalibrationStats:

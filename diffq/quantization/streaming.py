@@ -24,6 +24,7 @@ so every process ends with the same quantized model and one of them saves the ch
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -82,25 +83,72 @@ def run_key(recipe: Recipe, base_fingerprint: str, calibration: CalibrationStats
 
 
 class DenseSource:
-    """Tensors of a denoiser's safetensors file, read one at a time (memory-mapped)."""
+    """Tensors of a denoiser's safetensors file, read when needed.
+
+    Every read opens the file, copies the tensors it returns out of the memory map and closes it:
+    pages of the file that were read do not stay mapped (a kept map would count every page ever
+    read, i.e. the whole file after the fingerprint pass, in the process's resident memory)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        with self._open() as f:
+            self.names = set(f.keys())
+
+    def _open(self):
         try:
-            self._file = safe_open(str(self.path), framework="pt")
+            return safe_open(str(self.path), framework="pt")
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"dense_source {str(self.path)!r} cannot be read as safetensors ({e})") from e
-        self.names = set(self._file.keys())
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """name -> tensor (a copy in ordinary memory, not a view of the file) for every name."""
+        missing = [n for n in names if n not in self.names]
+        if missing:
+            raise CheckpointError(f"dense_source {self.path.name} has no tensor {missing[0]}; it is not this "
+                                  f"model's file")
+        with self._open() as f:
+            return {n: f.get_tensor(n).clone() for n in names}
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.names:
-            raise CheckpointError(f"dense_source {self.path.name} has no tensor {name}; it is not this model's file")
-        return self._file.get_tensor(name)
+        return self.read([name])[name]
 
     def materialise(self, root: nn.Module, prefix: str | None) -> None:
         """Read every meta tensor of ``root`` under ``prefix`` (all of them when None) from the file."""
         names = [n for n in meta_tensors(root) if prefix is None or n == prefix or n.startswith(prefix + ".")]
-        assign_dense(root, {n: self.get(n) for n in names})
+        if names:
+            assign_dense(root, self.read(names))
+
+
+def release_dense(modules: list[nn.Module]) -> None:
+    """Put the parameters and buffers of dense layers that were swapped out (their quantized
+    replacements are in the model) back on ``meta``: shapes and dtypes stay for the summary, the
+    memory goes. Only for layers whose weights were read from a ``dense_source`` (never the caller's
+    tensors)."""
+    for mod in modules:
+        for store in (mod._parameters, mod._buffers):
+            for key, t in store.items():
+                if t is not None and not t.is_meta:
+                    meta = torch.empty_like(t, device="meta")
+                    store[key] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc ``malloc_trim``; elsewhere nothing). The
+    per-layer working tensors (Hessians, their factors, calibration rows in fp32) are freed to glibc's
+    heap, which keeps them resident once its dynamic mmap threshold has grown past their size: without
+    this, each layer starts on top of what the previous layers left behind."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def launcher_shard() -> tuple[int, int] | None:
@@ -212,13 +260,17 @@ def install_blocks(
             if dense_source is not None:  # the block's 16-bit rest (norms, skipped layers)
                 dense_source.materialise(root, block)
         else:
+            from_file = []  # layers whose weights this call reads from the file (not the caller's tensors)
             if dense_source is not None:
+                from_file = [c.name for c in chs if any(t.is_meta for t in c.module.parameters())]
                 dense_source.materialise(root, block)
             t0, c0 = time.perf_counter(), time.process_time()
-            new = install_layers(root, chs, stats, splits, tracker)
+            new = install_layers(root, chs, stats, splits, tracker, progress=trim_heap)  # trimmed after each layer
             secs = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "rank": rank}
             _write_block(path, block, new, secs)
             built.update(new)
+            release_dense([c.module for c in chs if c.name in new and c.name in from_file])
+        trim_heap()
         if progress is not None:
             for _ in chs:
                 progress()
