@@ -21,9 +21,6 @@ def layer_samples(
     rows, spread evenly over the steps. ``patches``: a kh x kw conv's im2col patches [n, kh·kw·Cin]
     when the statistics hold them (else its per-pixel rows [n, Cin]). Raises CalibrationError naming
     the layer and the fix when the statistics hold no rows for it."""
-    import os
-    if os.environ.get("DIFFQ_TMP_NOPATCH") and why in os.environ["DIFFQ_TMP_NOPATCH"]:
-        patches = False
     res = None if stats is None else (stats.patches.get(name) if patches else None) or stats.reservoirs.get(name)
     if res is not None:
         steps = int((res.count > 0).sum())
