@@ -84,10 +84,12 @@ def _feedback_matrix(h: torch.Tensor, damp: float) -> torch.Tensor:
         torch.add(undamped, lam, out=diag)
         chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            v = chol.flip(0, 1)  # upper triangular, H + λ'I = V Vᵀ
-            m = v / v.diagonal()
+            m = chol.flip(0, 1)  # upper triangular V, H + λ'I = V Vᵀ (a copy; the factor is dropped)
+            del chol
+            m.div_(m.diagonal().clone())  # M = V · diag(V)⁻¹ in place: three [C, C] matrices at most
             if bool(torch.isfinite(torch.stack(torch.aminmax(m))).all()):  # one pass, no [C, C] mask
                 return m
+            del m
         lam *= 10.0
     return torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
 
