@@ -4,6 +4,7 @@ quantization of a deeper FLUX-config model.
 
     python -m benchmarks.flux_slice slice  [--out DIR]   # width 3072, 1 double + 2 single blocks
     python -m benchmarks.flux_slice stream [--out DIR] [--double 6] [--single 12] [--heads 8] [--rtn]
+    python -m benchmarks.flux_slice calibrate [--double 6] [--single 12] [--heads 8]  # streamed calibration
 
 Both build a ``FluxPipeline`` around a ``FluxTransformer2DModel`` from FLUX.1's config
 (:data:`benchmarks.model_configs.FLUX_DIT`, random bf16 weights, seed 0) cut to the given blocks
@@ -237,6 +238,44 @@ def step_quantize(work: Path, config: dict, streamed: bool, recipe=PRESET) -> di
     return out
 
 
+def step_calibrate(work: Path, config: dict, streamed: bool) -> dict:
+    """Calibrate (256 input rows per layer and step) with the transformer in memory, or on meta with
+    its weights read block by block (``diffq.calibrate_streamed``); peak RSS of the whole process."""
+    import diffq
+
+    start = _rss_now()
+    kw = {"num_inference_steps": STEPS, "height": SIZE, "width": SIZE, "progress": False, "reservoir": RESERVOIR,
+          "pipeline_kwargs": {"max_sequence_length": TEXT_TOKENS}}
+    src = work / "transformer.safetensors"
+    pipe = _meta_pipe(work, config)
+    for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        part.to(torch.bfloat16)  # the base folder loads in fp32; the transformer runs in bf16
+    if not streamed:
+        from diffusers import FluxTransformer2DModel
+        from safetensors.torch import load_file
+
+        den = FluxTransformer2DModel(**config).to(torch.bfloat16).eval()
+        den.load_state_dict(load_file(str(src)))
+        pipe.register_modules(transformer=den)
+    base = _rss_now()
+    c0 = time.process_time()
+    stats = (diffq.calibrate_streamed(pipe, [PROMPT], dense_source=src, **kw) if streamed
+             else diffq.calibrate(pipe, [PROMPT], **kw))
+    cpu = time.process_time() - c0
+    stats.save(work / f"stats_{'streamed' if streamed else 'dense'}.safetensors")
+    return {"rss_start": start, "rss_before_call": base, "peak_rss": _peak(), "calibrate_cpu_s": round(cpu, 1)}
+
+
+def _same_stats(work: Path) -> bool:
+    from diffq.calibration import CalibrationStats
+
+    a = CalibrationStats.load(work / "stats_dense.safetensors")
+    b = CalibrationStats.load(work / "stats_streamed.safetensors")
+    return a.layers.keys() == b.layers.keys() and all(
+        torch.equal(a.layers[n].channel_absmax(), b.layers[n].channel_absmax())
+        and torch.equal(a.reservoirs[n].rows, b.reservoirs[n].rows) for n in a.layers)
+
+
 def step_load(work: Path) -> dict:
     """load_pipeline of the standalone checkpoint (base = the folder without a transformer), then generate."""
     import diffusers
@@ -275,7 +314,7 @@ def step_load(work: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["slice", "stream", "_prepare", "_quantize", "_load"])
+    ap.add_argument("what", choices=["slice", "stream", "calibrate", "_prepare", "_quantize", "_load", "_calibrate"])
     ap.add_argument("--out", default="/tmp/diffq_flux_slice")
     ap.add_argument("--double", type=int, default=6)
     ap.add_argument("--single", type=int, default=12)
@@ -290,7 +329,8 @@ def main() -> None:
     if args.what.startswith("_"):
         step = {"_prepare": lambda: step_prepare(work, config),
                 "_quantize": lambda: step_quantize(work, config, args.streamed, RTN if args.rtn else PRESET),
-                "_load": lambda: step_load(work)}[args.what]
+                "_load": lambda: step_load(work),
+                "_calibrate": lambda: step_calibrate(work, config, args.streamed)}[args.what]
         print(json.dumps(step()))
         return
     if args.what == "slice":
@@ -302,6 +342,14 @@ def main() -> None:
               "preset": RTN if args.rtn else PRESET,
               "image": SIZE, "steps": STEPS, "machine": "shared 2-core CPU, 1 torch thread per process"}
     result["prepare"] = _child(["_prepare", *common])
+    if args.what == "calibrate":
+        result["dense"] = _child(["_calibrate", *common])
+        result["streamed"] = _child(["_calibrate", *common, "--streamed"])
+        result["identical_statistics"] = _same_stats(work)
+        path = Path(args.json or RESULTS / "flux_calibrate_streamed.json")
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
     result["quantize"] = _child(["_quantize", *common, *(["--streamed"] if args.what == "stream" else []),
                                  *(["--rtn"] if args.rtn else [])])
     if args.what == "slice":
