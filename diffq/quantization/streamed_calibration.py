@@ -25,7 +25,7 @@ from diffq.errors import CalibrationError
 from diffq.fingerprint import tensors_fingerprint
 from diffq.pipelines.adapters import adapter_for
 from diffq.quantization.standalone import assign_dense, meta_tensors
-from diffq.quantization.streaming import DenseSource, release_dense
+from diffq.quantization.streaming import DenseSource, release_dense, trim_heap
 
 
 def stream_blocks(denoiser: nn.Module) -> list[str]:
@@ -36,6 +36,13 @@ def stream_blocks(denoiser: nn.Module) -> list[str]:
         if isinstance(mod, nn.ModuleList) and not any(name.startswith(b + ".") for b in blocks):
             blocks += [f"{name}.{i}" for i in range(len(mod))]
     return blocks
+
+
+def _release(block: nn.Module) -> None:
+    """A block's dense tensors back on meta, and the freed heap returned to the system (glibc keeps
+    freed blocks of this size otherwise, and every call reads every block again)."""
+    release_dense(list(block.modules()))
+    trim_heap()
 
 
 @contextmanager
@@ -49,7 +56,7 @@ def streamed_weights(denoiser: nn.Module, source: DenseSource):
     for b in blocks:
         mod = denoiser.get_submodule(b)
         handles.append(mod.register_forward_pre_hook(lambda m, args, b=b: source.materialise(denoiser, b)))
-        handles.append(mod.register_forward_hook(lambda m, args, out: release_dense(list(m.modules()))))
+        handles.append(mod.register_forward_hook(lambda m, args, out: _release(m)))
     try:
         yield
     finally:
