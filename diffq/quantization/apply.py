@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from diffq.calibration import CalibrationStats, calibrate
 from diffq.errors import CalibrationError, RecipeError
-from diffq.fingerprint import tensors_fingerprint, weights_fingerprint
+from diffq.fingerprint import weights_fingerprint
 from diffq.kernels.layer_dispatch import kernel_route
 from diffq.lora import enable_peft_layers, peft_adapter_layers
 from diffq.modules import structure_fingerprint
@@ -187,8 +187,7 @@ def quantize(
         from diffq.quantization.streaming import DenseSource
 
         source = DenseSource(dense_source)
-        base_fp = tensors_fingerprint(type(denoiser).__name__,
-                                      ((n, source.get(n)) for n in sorted(denoiser.state_dict())))
+        base_fp = source.fingerprint(denoiser)
     else:
         base_fp = weights_fingerprint(denoiser)
     bytes_before = module_bytes(denoiser, float_bits=16)

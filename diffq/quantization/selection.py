@@ -62,6 +62,13 @@ def _row_spec(spec: QuantSpec, is_act: bool) -> QuantSpec:
                    scale_dtype="fp32" if spec.scale_dtype in ("e4m3", "e8m0") else spec.scale_dtype)
 
 
+def layer_format(spec: QuantSpec | None, channels: int, is_act: bool) -> QuantSpec | None:
+    """What ``spec`` becomes on a layer of ``channels`` inputs: :func:`fit_group`, else one scale per
+    row (weights: per channel, activations: per token); None stays None."""
+    fitted = fit_group(spec, channels)
+    return fitted if fitted is not None or spec is None else _row_spec(spec, is_act)
+
+
 def role_shares(layers: dict[str, nn.Module], role_of: Callable[[str], str]) -> dict[str, float]:
     """Role -> its layers' share of the weight elements of ``layers`` (shapes only: meta models work)."""
     sizes: dict[str, int] = {}
@@ -87,7 +94,7 @@ def _weight_only_format(recipe: Recipe, mod: nn.Module, ch: LayerChoice) -> Quan
     if recipe.weight_only is not None or recipe.weight is None:
         return recipe.weight_only or recipe.weight
     n, k = mod.weight.shape[0], mod.weight[0].numel()
-    w4 = fit_group(recipe.weight, in_out(mod)[0]) or _row_spec(recipe.weight, False)
+    w4 = layer_format(recipe.weight, in_out(mod)[0], is_act=False)
     rank = effective_rank(recipe.rank, n, k, recipe.rank_ratio)
     four_bit = w4.stored_bytes(n, k) + 2 * rank * (n + k)
     if WEIGHT_ONLY_INT8.stored_bytes(n, k) <= four_bit:
@@ -150,11 +157,9 @@ def choose_layers(
         if w is None:
             ch.skip = "recipe has no weight format"
             continue
-        fitted = fit_group(w, cin)
-        ch.weight = fitted if fitted is not None else _row_spec(w, False)
+        ch.weight = layer_format(w, cin, is_act=False)
         a = None if w_only else layer_recipe.act
-        fitted_a = fit_group(a, cin)
-        ch.act = fitted_a if fitted_a is not None or a is None else _row_spec(a, True)
+        ch.act = layer_format(a, cin, is_act=True)
         if ch.weight is not None and ch.weight.packed and cin % pack_multiple(ch.weight.bits):
             m = pack_multiple(ch.weight.bits)
             ch.skip = f"input width {cin} cannot be bit-packed at {ch.weight.bits} bits (needs a multiple of {m})"

@@ -22,7 +22,6 @@ from torch import nn
 
 from diffq.calibration import CalibrationStats, calibrate
 from diffq.errors import CalibrationError
-from diffq.fingerprint import tensors_fingerprint
 from diffq.pipelines.adapters import adapter_for
 from diffq.quantization.standalone import assign_dense, meta_tensors
 from diffq.quantization.streaming import DenseSource, release_dense, trim_heap
@@ -51,7 +50,7 @@ def streamed_weights(denoiser: nn.Module, source: DenseSource):
     blocks = stream_blocks(denoiser)
     inside = tuple(b + "." for b in blocks)
     resident = [n for n in meta_tensors(denoiser) if not n.startswith(inside)]
-    assign_dense(denoiser, {n: source.get(n) for n in resident})
+    assign_dense(denoiser, source.read(resident))
     handles = []
     for b in blocks:
         mod = denoiser.get_submodule(b)
@@ -76,7 +75,6 @@ def calibrate_streamed(pipe, prompts: Sequence[str], *, dense_source, **kwargs) 
         raise CalibrationError("the denoiser's weights are in memory: use diffq.calibrate; calibrate_streamed is "
                                "for a denoiser built on meta, with its weights in dense_source")
     source = DenseSource(dense_source)
-    fingerprint = tensors_fingerprint(type(denoiser).__name__,
-                                      ((n, source.get(n)) for n in sorted(denoiser.state_dict())))
+    fingerprint = source.fingerprint(denoiser)
     with streamed_weights(denoiser, source):
         return calibrate(pipe, prompts, weights_id=fingerprint, **kwargs)

@@ -39,6 +39,7 @@ from torch import nn
 
 from diffq.calibration.container import CalibrationStats
 from diffq.errors import CheckpointError
+from diffq.fingerprint import tensors_fingerprint
 from diffq.io import atomic_path, remove_stale_temps, write_json_atomic
 from diffq.modules import TimestepTracker, set_submodule
 from diffq.quantization.build import install_layers
@@ -111,6 +112,11 @@ class DenseSource:
 
     def get(self, name: str) -> torch.Tensor:
         return self.read([name])[name]
+
+    def fingerprint(self, model: nn.Module) -> str:
+        """:func:`diffq.fingerprint.weights_fingerprint` of ``model`` with these tensors as its weights
+        (read one at a time, so ``model`` may be on meta)."""
+        return tensors_fingerprint(type(model).__name__, ((n, self.get(n)) for n in sorted(model.state_dict())))
 
     def materialise(self, root: nn.Module, prefix: str | None) -> None:
         """Read every meta tensor of ``root`` under ``prefix`` (all of them when None) from the file."""
