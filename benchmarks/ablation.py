@@ -9,6 +9,7 @@ error of the per-image (paired) values, and the quantize time (calibration exclu
 
     python -m benchmarks.ablation --model digits-dit --table methods --json benchmarks/results/ablation_methods_digits-dit.json
     python -m benchmarks.ablation --model digits-sd --table ranks ...
+    python -m benchmarks.ablation --model digits-sd --table w4a8 ...
     python -m benchmarks.ablation --model digits-sd --configs "w4a4-svd;w4a4-svd:rounding=rtn,rank=8"
 
 The FP images and the calibration are cached in ``--cache`` (safetensors), so tables share them.
@@ -39,6 +40,11 @@ from diffq.sizes import module_bytes
 OLD_SKIPS = "skip_roles=('embed','adanorm','io')"
 #: w4a4-svd as it was before issue 15 (RTN, fixed α = 0.5, symmetric int4 activations, old 16-bit set)
 OLD_SVD = f"w4a4-svd:rounding=rtn,smooth_search=false,act=int4:g64,act_center=false,weight_only=int4:g64,{OLD_SKIPS}"
+#: w4a8 / w4a16 as they were before centring, int8 embeddings and the α search
+_OLD_8_16 = "smooth_alpha=null,smooth_search=false,int8_weight_roles=('shortcut','resample','proj')"
+OLD_W4A8 = f"w4a8:act_center=false,{_OLD_8_16}"
+OLD_W4A16 = f"w4a16:{_OLD_8_16}"
+EMBED_INT8 = "('embed','shortcut','resample','proj')"
 TABLES: dict[str, dict[str, str]] = {
     "methods": {
         "w4a4-svd before issue 15": OLD_SVD,
@@ -65,6 +71,19 @@ TABLES: dict[str, dict[str, str]] = {
         "w4a8 RTN (before issue 15)": "w4a8:rounding=rtn",
         "w4a8 GPTQ (preset)": "w4a8",
         "w8a16": "w8a16",
+    },
+    "w4a8": {
+        "w4a8 before (GPTQ, MSE clip)": OLD_W4A8,
+        "+ centred act (per-sample channel means)": OLD_W4A8 + ",act_center=true",
+        "+ int8 embeddings": OLD_W4A8 + f",int8_weight_roles={EMBED_INT8}",
+        "+ alpha search (one vector per q/k/v group)": OLD_W4A8 + ",smooth_alpha=0.5,smooth_search=true",
+        "w4a8 (preset: all three)": "w4a8",
+        "w4a8, each projection smoothed on its own": "w4a8:shared_smoothing=false",
+        "w4a16 before (GPTQ, MSE clip)": OLD_W4A16,
+        "w4a16 + int8 embeddings": OLD_W4A16 + f",int8_weight_roles={EMBED_INT8}",
+        "w4a16 + alpha search (activation-aware scaling, shared)": OLD_W4A16 + ",smooth_alpha=0.5,smooth_search=true",
+        "w4a16 (preset: both)": "w4a16",
+        "w4a16, each projection smoothed on its own": "w4a16:shared_smoothing=false",
     },
     "fp4": {
         "fp4 before issue 15": f"fp4:{OLD_SKIPS}",

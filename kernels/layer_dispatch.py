@@ -24,7 +24,9 @@ activations with split-shortcut segments (one tensor scale per segment), per-ten
 int4 group sizes other than 64 and 128,
 non-fp32 activation scale storage, split-shortcut activation scales (except group scales that
 tile every segment), and QuantConv2d with kh*kw > 1 under a *per-token*
-activation format (im2col would turn a per-pixel scale into a per-patch one: different math).
+activation format (im2col would turn a per-pixel scale into a per-patch one: different math),
+shifted (``act_unsigned``) inputs, and centred (``act_center``) inputs except on linear layers with
+int4 weights (w4a8 / w4a4: the means go through the W4A16 kernel, see :func:`_centered`).
 Convs run through :func:`diffq.kernels.conv2d_via_gemm` (1x1: channels-last reshape; else
 im2col). The low-rank branch of every kernel but w4a4 is added in torch.
 
@@ -73,8 +75,10 @@ def _act_kind(module: nn.Module, group: int | None) -> str | None:
     if act is None:
         return "none"
     spec = act.spec
-    if spec.scale_dtype != "fp32" or getattr(act, "shift", None) is not None or getattr(act, "center", False):
-        return None  # shifted (act_unsigned) or centered (act_center) inputs: no kernel adds the offset back
+    if spec.scale_dtype != "fp32" or getattr(act, "shift", None) is not None:
+        return None  # shifted (act_unsigned) inputs: no kernel adds the offset back
+    if getattr(act, "center", False) and (hasattr(module, "kernel_size") or group is None):
+        return None  # centred inputs: linear layers with int4 weights only (see _centered)
     if spec.dtype == "int4" and spec.granularity == "group" and spec.group_size == group and not act.static:
         if act.splits is not None and any(s % group for s in act.splits):
             return None
@@ -226,6 +230,52 @@ def _reference_rows(kind: str) -> Callable[[nn.Module, torch.Tensor], torch.Tens
     return run
 
 
+def _center_rows(reference: bool) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """(module, per-sample channel means c [B, K] fp32) -> c_s · (Wqᵀ + down · up) [B, N] fp32, with
+    ``c_s = c / smooth``: the exact (unquantized) part of a centred layer, on the W4A16 kernel (a
+    second read of the int4 weight, B rows) or its reference. No bias: the main GEMM adds it."""
+
+    def run(module: nn.Module, c: torch.Tensor) -> torch.Tensor:
+        dt = module.compute_dtype
+        c_s = c if module.smooth is None else c / module.smooth
+        c_s = c_s.to(dt)
+        g = module.wspec.group_size
+        if reference:
+            y = kd.w4a16_linear(c_s, module.qweight, module.wscale, g, None, backend="reference")
+        else:
+            cache = module.__dict__.setdefault(_CACHE, {})
+            key = (c.device, "center")
+            hit = cache.get(key)
+            if hit is None or hit[0] is not module.qweight or hit[1] is not module.wscale:
+                hit = cache[key] = (module.qweight, module.wscale, kd.plan_for("w4a16", module.qweight, module.wscale, g))
+            y = hit[2].run(c_s.contiguous())
+        if module.lr_down is not None:
+            y = y + (c_s @ module.lr_down.to(dt)) @ module.lr_up.to(dt)
+        return y.float()
+
+    return run
+
+
+def _centered(linear: FusedForward, center_rows: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> FusedForward:
+    """A centred linear layer (``act.center``: the reference computes ``(Q(x_s - c) + c) · Wqᵀ`` with
+    ``c`` each sample's per-channel mean of ``x_s = x / smooth`` over its tokens) on a kernel that
+    knows nothing of centring. The layer is linear in its unquantized input, so
+    ``y = kernel(x - c') + c'/smooth · (Wqᵀ + down · up)`` with ``c' = mean_tokens(x)``: the kernel
+    smooths, quantizes and multiplies ``x - c'`` (its quantized input is ``Q(x_s - c)``), and the
+    means go through the exact path (:func:`_center_rows`, B rows). Inputs without a token axis
+    (``[M, K]``) are not centred, as in the reference. Traces without host syncs."""
+
+    def run(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3:
+            return linear(mod, x)
+        c = x.mean(dim=tuple(range(1, x.dim() - 1)), keepdim=True, dtype=torch.float32)  # [B, 1.., K]
+        y = linear(mod, x - c.to(x.dtype))
+        corr = center_rows(mod, c.reshape(x.shape[0], x.shape[-1]))  # [B, N]
+        return y + corr.reshape(x.shape[0], *([1] * (x.dim() - 2)), -1).to(y.dtype)
+
+    return run
+
+
 def fused_forward(module: nn.Module, *, backend: str = "auto", device: torch.device | str | None = None) -> FusedForward | None:
     """``fn(module, x) -> y`` running ``module`` (QuantLinear / QuantConv2d) on a fused kernel, or None.
 
@@ -259,6 +309,8 @@ def fused_forward(module: nn.Module, *, backend: str = "auto", device: torch.dev
             lead = x.shape[:-1]
             return rows(mod, x.reshape(-1, x.shape[-1])).reshape(*lead, n_out)
 
+        if getattr(module.act, "center", False):
+            return _centered(linear, _center_rows(backend == "reference"))
         return linear
 
     nv_conv = kind == "nvfp4"
@@ -317,4 +369,6 @@ def kernel_route(module: nn.Module, capability: tuple[int, int] | None = None) -
     route = {"w4a16": "f16-mma", "w8a8": "int8-mma", "fp8": "fp8-mma", "w4a8": "int8-mma"}.get(kind)
     if kind == "w4a4":
         route = f"{kd.w4a4_route(cap)}-mma"
+    if getattr(module.act, "center", False):
+        route += " centred (means on w4a16)"
     return f"triton {kind} {route}"

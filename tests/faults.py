@@ -269,7 +269,7 @@ def make_checkpoint(directory: Path):
 
     base = tiny_pipeline("sd")
     pipe = copy.deepcopy(base)
-    diffq.quantize(pipe, {"preset": "w4a8", "rounding": "rtn"}, progress=False)  # RTN: no calibration needed
+    diffq.quantize(pipe, {"preset": "w4a8", "rounding": "rtn", "smooth_alpha": None, "smooth_search": False}, progress=False)  # RTN: no calibration needed
     diffq.save(pipe, directory)
     return base, directory
 

@@ -17,7 +17,7 @@ from diffq.pipelines.adapters import adapter_for
 from diffq.pipelines.testing import tiny_call_kwargs, tiny_pipeline
 from diffq.quantization.fused_qkv import FUSED_NAMES, fuse_quant_linears
 
-CASES = [("sd", "w8a8"), ("sdxl", "w8a8-static"), ("flux", "w4a8"), ("sd3", "fp8")]
+CASES = [("sd", "w8a8"), ("sdxl", "w8a8-static"), ("flux", "w4a8"), ("sd3", "fp8"), ("sd3", "w4a4-svd:shared")]
 
 
 def _images(pipe, family):
@@ -29,7 +29,8 @@ def _images(pipe, family):
 def test_fused_quantized_qkv_equals_unfused(family, preset, tmp_path):
     pipe = tiny_pipeline(family)
     stats = diffq.calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False, reservoir=16)
-    diffq.quantize(pipe, preset, calibration=stats, progress=False)
+    name, _, shared = preset.partition(":")
+    diffq.quantize(pipe, {"preset": name, "shared_smoothing": True} if shared else name, calibration=stats, progress=False)
     den = adapter_for(pipe).denoiser(pipe)
     unfused = _images(pipe, family)
     den.fuse_qkv_projections()
@@ -49,12 +50,28 @@ def test_fused_quantized_qkv_equals_unfused(family, preset, tmp_path):
     assert (_images(back, family) - unfused).abs().max() == 0
 
 
+def test_smoothed_projections_share_one_vector():
+    """q/k/v (and the added q/k/v) get one smoothing vector (one α); unshared, they differ."""
+    stats = None
+    for shared in (True, False):
+        pipe = tiny_pipeline("sd3")
+        stats = stats or diffq.calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False, reservoir=16)
+        diffq.quantize(pipe, {"preset": "w4a4-svd", "shared_smoothing": shared}, calibration=stats, progress=False)
+        attn = pipe.transformer.transformer_blocks[0].attn
+        for parts in (("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")):
+            vecs = [getattr(attn, n).smooth for n in parts]
+            assert all(v is not None for v in vecs)
+            same = all(torch.equal(v, vecs[0]) for v in vecs[1:])
+            assert same == shared, (parts, shared)
+            assert all(v.data_ptr() != vecs[0].data_ptr() for v in vecs[1:])  # own buffers (safetensors)
+
+
 def test_smoothed_projections_are_refused_and_nothing_changes():
     pipe = tiny_pipeline("sd3")
     stats = diffq.calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False, reservoir=16)
-    diffq.quantize(pipe, "w4a4-svd", calibration=stats, progress=False)
+    diffq.quantize(pipe, "w4a4-svd", calibration=stats, progress=False)  # each projection smoothed on its own
     before = set(pipe.transformer.state_dict())
-    with pytest.raises(DiffqError, match="smoothed with its own factors.*keep the projections unfused"):
+    with pytest.raises(DiffqError, match="smoothed with its own factors.*shared_smoothing=True.*keep the projections unfused"):
         pipe.transformer.fuse_qkv_projections()
     assert set(pipe.transformer.state_dict()) == before
     assert not any(getattr(m, "fused_projections", False) for m in pipe.transformer.modules())

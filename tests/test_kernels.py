@@ -345,6 +345,29 @@ def test_fused_linear_matches_module_reference(kind, rank, static):
     assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
 
 
+@pytest.mark.parametrize("kind,rank", [("w4a8", 0), ("w4a8", 4), ("w4a4", 8)])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_fused_centred_linear_matches_module_reference(kind, rank, backend):
+    """act_center on the kernel path: kernel(x - c') plus the means through the W4A16 kernel equals
+    the module's (Q(x_s - c) + c) · Wqᵀ; inputs with large per-sample channel offsets, where centring
+    changes the result (checked against the uncentred layer), and 2-D inputs (not centred)."""
+    m = _module(kind, rank=rank)
+    m.act.center = True
+    assert layer_dispatch.kernel_kind(m) == kind
+    torch.manual_seed(3)
+    x = torch.randn(3, 11, 64) + 4 * torch.randn(3, 1, 64)  # per-sample channel offsets
+    fn = layer_dispatch.fused_forward(m, backend=backend)
+    want = m(x)
+    got = fn(m, x)
+    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+    m.act.center = False
+    uncentred = m(x)
+    assert float((uncentred - want).abs().max()) > 2e-3 * float(want.abs().max())
+    m.act.center = True
+    x2 = x[0]
+    assert float((fn(m, x2) - m(x2)).abs().max()) <= 2e-5 * float(m(x2).abs().max())
+
+
 @pytest.mark.parametrize("kind,k", [("w4a4", 3), ("w8a8", 1), ("w4a16", 3)])
 def test_fused_conv_matches_module_reference(kind, k):
     m = _module(kind, conv_k=k, rank=4 if kind == "w4a4" else 0)
@@ -488,8 +511,14 @@ def test_routes_by_capability(monkeypatch):
     m = _module("w4a4")
     m.act.register_buffer("shift", torch.ones(64))
     assert layer_dispatch.kernel_route(m, (9, 0)) == "reference (no kernel computes this quantization)"
-    m = _module("w4a4")
-    m.act.center = True  # act_center: no kernel subtracts the per-sample channel means
+    m = _module("w4a8")
+    m.act.center = True  # act_center: the kernel on x - c, the means on the W4A16 kernel
+    assert layer_dispatch.kernel_route(m, (9, 0)) == "triton w4a8 int8-mma centred (means on w4a16)"
+    m = _module("w8a8")
+    m.act.center = True  # int8 weights: no W8A16 kernel for the means
+    assert layer_dispatch.kernel_route(m, (9, 0)) == "reference (no kernel computes this quantization)"
+    m = _module("w4a4", conv_k=1)
+    m.act.center = True  # convs are not centred by the recipes; a centred one keeps the reference
     assert layer_dispatch.kernel_route(m, (9, 0)) == "reference (no kernel computes this quantization)"
 
 

@@ -150,7 +150,7 @@ def test_rank_larger_than_layer_is_capped_or_refused(sd):
         diffq.quantization.recipe.Recipe(rank=5000)
     pipe = copy.deepcopy(sd)
     only_first_block = [r"^(?!down_blocks\.0\.)"]  # keeps the test fast
-    diffq.quantize(pipe, {"preset": "w4a16", "rounding": "rtn", "rank": 4096, "skip_patterns": only_first_block}, progress=False)
+    diffq.quantize(pipe, {"preset": "w4a16", "rounding": "rtn", "smooth_alpha": None, "smooth_search": False, "rank": 4096, "skip_patterns": only_first_block}, progress=False)
     from diffq.modules import quantized_modules
 
     # lr_down [K, r], lr_up [r, N] with K = in_features x kernel area

@@ -161,7 +161,7 @@ def test_streamed_dense_layers_are_released_after_their_block(calibrated, refere
 
 def test_work_dir_of_another_run_is_refused(calibrated, tmp_path):
     pipe, _ = calibrated
-    diffq.quantize(copy.deepcopy(pipe), {"preset": "w4a8", "rounding": "rtn"}, progress=False, work_dir=tmp_path)
+    diffq.quantize(copy.deepcopy(pipe), {"preset": "w4a8", "rounding": "rtn", "smooth_alpha": None, "smooth_search": False}, progress=False, work_dir=tmp_path)
     with pytest.raises(CheckpointError, match="another quantization run"):
         diffq.quantize(copy.deepcopy(pipe), "w8a8", progress=False, work_dir=tmp_path)
 

@@ -31,8 +31,8 @@ def _adanorm(pipe) -> dict:
 def test_adaln_is_quantized_weight_only_by_default(family):
     pipe = tiny_pipeline(family)
     kept = tiny_pipeline(family)
-    on = diffq.quantize(pipe, {"preset": "w4a8", "rounding": "rtn"}, progress=False)  # RTN: no calibration
-    off = diffq.quantize(kept, get_preset("w4a8").with_overrides({"weight_only_roles": [], "rounding": "rtn"}),
+    on = diffq.quantize(pipe, {"preset": "w4a8", "rounding": "rtn", "smooth_alpha": None, "smooth_search": False}, progress=False)  # RTN: no calibration
+    off = diffq.quantize(kept, get_preset("w4a8").with_overrides({"weight_only_roles": [], "rounding": "rtn", "smooth_alpha": None, "smooth_search": False}),
                          progress=False)
     layers = _adanorm(pipe)
     assert layers and not _adanorm(kept)

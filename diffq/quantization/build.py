@@ -34,6 +34,7 @@ from diffq.modules import (
 )
 from diffq.pipelines.input_bounds import input_floors
 from diffq.quantization.layer_inputs import SEARCH_ROWS, input_floor, layer_samples
+from diffq.quantization.projection_groups import projection_groups
 from diffq.quantization.recipe import Recipe
 from diffq.quantization.selection import LayerChoice, fit_group
 
@@ -85,6 +86,84 @@ def build_act_quantizer(
     return ActQuantizer(spec, splits=use_splits, center=center)
 
 
+def _rtn_values(r: torch.Tensor, spec: QuantSpec, recipe: Recipe) -> torch.Tensor:
+    """deq(_rtn(r)) without the codes (bit-identical: diffq.formats.rtn_values)."""
+    return rtn_values(r, spec, clip_ratio=clip_ratio_for(r, spec, recipe.weight_clip, recipe.percentile))
+
+
+#: (α, smoothing factors s [Cin] fp32, the α search's error per candidate or None)
+Smoothing = tuple[float, torch.Tensor, dict[float, float] | None]
+
+
+def layer_smoothing(
+    choice: LayerChoice,
+    stats: CalibrationStats | None,
+    w: torch.Tensor,
+    rank: int,
+    splits: tuple[int, int] | None,
+    floor: float | None,
+) -> Smoothing | None:
+    """The smoothing of a layer with weight rows ``w`` [N, kh·kw·Cin] fp32 (None: not smoothed): the
+    recipe's fixed α, or the α of the search on the layer's calibration rows (its branch of ``rank``
+    and both quantizers in the loop). For projections that read one input (q/k/v), ``w`` is their
+    stacked rows and ``rank`` the sum of their ranks (:func:`shared_smoothing`)."""
+    recipe, name, mod = choice.recipe, choice.name, choice.module
+    st = None if stats is None else stats.layers.get(name)
+    if choice.smooth_alpha is None or st is None:
+        return None
+    dev = w.device
+    cin = mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
+    balance = recipe.timestep_balance
+    profile = channel_profile(st.absmax, st.observed, "balanced" if balance else "max").to(dev)
+    alpha, errors = choice.smooth_alpha, None
+    if recipe.smooth_search:
+        x, rw = (t.to(dev) for t in layer_samples(name, stats, balance=balance, total=SEARCH_ROWS,
+                                                   why="the smoothing-strength search", patches=True))
+
+        def act_values(x_s: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            act = build_act_quantizer(choice, recipe, stats, splits, floor=floor, smooth=s)
+            return x_s if act is None else act(x_s)
+
+        found = search_alpha(w, profile, x, rw, rank=rank, weight_values=lambda r, s: _rtn_values(r, choice.weight, recipe),
+                             act_values=act_values, grid=recipe.smooth_grid)
+        alpha, errors = found.alpha, found.errors
+    return alpha, smooth_factors(profile, w, alpha, cin), errors
+
+
+def shared_input_sets(root: nn.Module, choices: list[LayerChoice]) -> list[list[LayerChoice]]:
+    """Sets of smoothed linear layers that read one input and that diffusers' ``fuse_qkv_projections``
+    fuses (q/k/v of self-attention, k/v of cross-attention, the added q/k/v of joint attention:
+    :func:`diffq.quantization.projection_groups.projection_groups`), each with the same formats and
+    recipe, so that one smoothing vector serves them all (:func:`shared_smoothing`)."""
+    by_name = {c.name: c for c in choices}
+    sets = []
+    for prefix, attn in root.named_modules():
+        for _, parts in projection_groups(attn):
+            members = [by_name.get(f"{prefix}.{p}" if prefix else p) for p in parts]
+            if any(m is None or m.skip is not None or m.smooth_alpha is None or not isinstance(m.module, nn.Linear)
+                   for m in members):
+                continue
+            m0 = members[0]
+            if m0.recipe.shared_smoothing and all(m.recipe == m0.recipe and m.weight == m0.weight and m.act == m0.act
+                   and m.smooth_alpha == m0.smooth_alpha and m.module.in_features == m0.module.in_features
+                   for m in members[1:]):
+                sets.append(members)
+    return sets
+
+
+@torch.no_grad()
+def shared_smoothing(members: list[LayerChoice], stats: CalibrationStats | None, floor: float | None) -> Smoothing | None:
+    """One smoothing for layers that read one input: the factors from the stacked weights' channel
+    maxima and, with the search, the α whose quantized stack (branches as one of the summed rank)
+    has the lowest output error on the first member's calibration rows (the input is the same).
+    Each layer then divides the same input by the same vector, so the layers can be fused and the
+    vector could be folded into the norm before them, as SmoothQuant does."""
+    m0 = members[0]
+    w = torch.cat([_weight_rows(m.module).float() for m in members])
+    rank = sum(effective_rank(m.rank, *_weight_rows(m.module).shape, m.recipe.rank_ratio) for m in members)
+    return layer_smoothing(m0, stats, w, effective_rank(rank, *w.shape, None), None, floor)
+
+
 def _rtn(w: torch.Tensor, spec: QuantSpec, recipe: Recipe) -> QTensor:
     """Round-to-nearest with the recipe's clipping: the weight grid (and the codes without GPTQ)."""
     return quantize(w, spec, clip_ratio=clip_ratio_for(w, spec, recipe.weight_clip, recipe.percentile))
@@ -96,48 +175,37 @@ def build_layer(
     stats: CalibrationStats | None,
     splits: tuple[int, int] | None = None,
     floor: float | None = None,
+    smoothing: Smoothing | None = None,
 ) -> QuantLinear | QuantConv2d:
     """Quantized replacement of ``choice.module`` (which is left untouched).
 
     splits: (main, skip) channel widths when the layer's input is a concatenation (split shortcut).
     floor: a structural lower bound of the layer's input (:mod:`diffq.pipelines.input_bounds`).
+    smoothing: a smoothing chosen for this layer and the layers sharing its input
+    (:func:`shared_smoothing`); None: the layer's own (:func:`layer_smoothing`).
     Records its choices in ``choice.decisions``.
     """
     mod, recipe, name = choice.module, choice.recipe, choice.name
     dtype, dev = mod.weight.dtype, mod.weight.device
     w = _weight_rows(mod).float()
     cin = mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
-    st = None if stats is None else stats.layers.get(name)
     floor = floor if floor is not None else input_floor(name, {}, stats)
     rank = effective_rank(choice.rank, w.shape[0], w.shape[1], recipe.rank_ratio)
     balance = recipe.timestep_balance
 
     def wq_values(r: torch.Tensor) -> torch.Tensor:
         """deq(_rtn(r)) without the codes (bit-identical: diffq.formats.rtn_values)."""
-        spec = choice.weight
-        return rtn_values(r, spec, clip_ratio=clip_ratio_for(r, spec, recipe.weight_clip, recipe.percentile))
+        return _rtn_values(r, choice.weight, recipe)
 
+    if smoothing is None:
+        smoothing = layer_smoothing(choice, stats, w, rank, splits, floor)
     smooth = None
-    if choice.smooth_alpha is not None and st is not None:
-        profile = channel_profile(st.absmax, st.observed, "balanced" if balance else "max").to(dev)
-        alpha = choice.smooth_alpha
-        if recipe.smooth_search:
-            x, rw = (t.to(dev) for t in layer_samples(name, stats, balance=balance, total=SEARCH_ROWS,
-                                                       why="the smoothing-strength search", patches=True))
-
-            def act_values(x_s: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-                act = build_act_quantizer(choice, recipe, stats, splits, floor=floor, smooth=s)
-                return x_s if act is None else act(x_s)
-
-            def search_values(r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-                return wq_values(r)
-
-            found = search_alpha(w, profile, x, rw, rank=rank, weight_values=search_values, act_values=act_values,
-                                 grid=recipe.smooth_grid)
-            alpha = found.alpha
-            choice.decisions["alpha_errors"] = found.errors
+    if smoothing is not None:
+        alpha, smooth, errors = smoothing
+        smooth = smooth.clone()  # a shared smoothing: each layer owns its buffer (safetensors refuses aliases)
         choice.decisions["alpha"] = alpha
-        smooth = smooth_factors(profile, w, alpha, cin)
+        if errors is not None:
+            choice.decisions["alpha_errors"] = errors
         w = apply_smoothing(w, smooth)
     lr_down = lr_up = None
     if rank > 0 and recipe.lowrank_refit:
@@ -202,10 +270,19 @@ def install_layers(
 
     progress: an optional callback called once per choice (a progress bar's ``update``)."""
     floors = input_floors(root)
+    shared: dict[str, list[LayerChoice]] = {}
+    for members in shared_input_sets(root, choices) if stats is not None else ():
+        shared.update({m.name: members for m in members})
+    found: dict[int, Smoothing | None] = {}
     built = {}
     for ch in choices:
         if ch.skip is None:
-            new = build_layer(ch, stats, splits.get(ch.name), input_floor(ch.name, floors, stats))
+            floor = input_floor(ch.name, floors, stats)
+            members = shared.get(ch.name)
+            if members is not None and id(members) not in found:
+                found[id(members)] = shared_smoothing(members, stats, floor)
+            smoothing = None if members is None else found[id(members)]
+            new = build_layer(ch, stats, splits.get(ch.name), floor, smoothing=smoothing)
             if new.act is not None:
                 new.act.tracker = tracker
             set_submodule(root, ch.name, new)

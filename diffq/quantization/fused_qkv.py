@@ -10,8 +10,8 @@ concatenated, low-rank branches side by side (``L1 = [L1_q | L1_k | L1_v]``, ``L
 so ``fused(x) == cat(q(x), k(x), v(x))`` up to float summation order.
 
 Refused with a DiffqError naming the reason (nothing is changed): parts with different formats,
-activation quantizers, smoothing factors (SmoothQuant smooths each layer with its own weights:
-``w4a4-svd``) or per-tensor / NVFP4 global scales; a mix of quantized and dense parts; parts
+activation quantizers, smoothing factors (``shared_smoothing=False``: each layer smoothed with
+its own weights) or per-tensor / NVFP4 global scales; a mix of quantized and dense parts; parts
 wrapped by LoRA adapters. Unfused parts (both dense) are fused densely as diffusers would.
 ``diffq.save`` skips the fused copies (fuse again after loading).
 """
@@ -28,6 +28,7 @@ from diffq.errors import DiffqError
 from diffq.formats import QTensor, decode_scale
 from diffq.modules import ActQuantizer, QuantLinear
 from diffq.modules.qweight import weight_codes
+from diffq.quantization.projection_groups import projection_groups
 from diffq.quantization.state import QuantState
 
 FUSED_NAMES = ("to_qkv", "to_kv", "to_added_qkv")
@@ -51,7 +52,8 @@ def _fusable(parts: list[QuantLinear]) -> str | None:
     if not _same([p.wscale_global for p in parts]):
         return "their NVFP4 per-tensor scales differ (the FP8 block scales are relative to them)"
     if not _same([p.smooth for p in parts]):
-        return "each was smoothed with its own factors (SmoothQuant), so they do not share one input"
+        return ("each was smoothed with its own factors (SmoothQuant), so they do not share one input "
+                "(quantize with shared_smoothing=True for one vector per q/k/v group)")
     acts = [p.act for p in parts]
     if any(a is None for a in acts):
         return None if all(a is None for a in acts) else "some quantize their input and some do not"
@@ -108,15 +110,6 @@ def _fuse_dense(parts: list[nn.Linear]) -> nn.Linear:
     return out
 
 
-def _groups(attn: nn.Module) -> list[tuple[str, list[str]]]:
-    """(fused attribute, its parts) in diffusers' fusion rule."""
-    cross = bool(getattr(attn, "is_cross_attention", False))
-    groups = [("to_kv", ["to_k", "to_v"])] if cross else [("to_qkv", ["to_q", "to_k", "to_v"])]
-    if all(getattr(attn, n, None) is not None for n in ("add_q_proj", "add_k_proj", "add_v_proj")):
-        groups.append(("to_added_qkv", ["add_q_proj", "add_k_proj", "add_v_proj"]))
-    return groups
-
-
 def _runs_quantized_attention(attn: nn.Module) -> bool:
     proc = getattr(attn, "processor", None)
     return isinstance(proc, QuantProcessor) and proc.attend is not None
@@ -130,7 +123,7 @@ def _plan(attn: nn.Module, name: str) -> list[tuple[str, list[nn.Module]]]:
                          f"attention (recipe attn fields), which diffusers' fused processors would replace; keep the "
                          f"projections unfused, or quantize with attn='none' to fuse them")
     plan = []
-    for target, part_names in _groups(attn):
+    for target, part_names in projection_groups(attn):
         parts = [getattr(attn, n) for n in part_names]
         label = f"{name}.{target}" if name else target
         if any(hasattr(p, "base_layer") for p in parts):

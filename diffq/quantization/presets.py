@@ -2,7 +2,8 @@
 
 Each preset is a plain :class:`~diffq.quantization.recipe.Recipe`; print one with
 ``diffq quantize --preset NAME --show-recipe`` and override any field. The presets before issue 15
-are reachable through fields: ``w4a8`` / ``w4a16`` with ``rounding=rtn``; ``w4a4-svd`` with
+are reachable through fields: ``w4a8`` / ``w4a16`` with ``rounding=rtn, smooth_alpha=null,
+smooth_search=false, act_center=false, int8_weight_roles=["shortcut", "resample", "proj"]``; ``w4a4-svd`` with
 ``rounding=rtn, smooth_search=false, act=int4:g64, act_center=false, skip_roles=["embed", "adanorm", "io"]``; ``w4a4`` /
 ``fp4`` with those ``skip_roles``. Presets with ``rounding=gptq`` or ``smooth_search`` need calibration
 with input rows (``diffq.calibrate(..., reservoir=256)``; ``diffq.quantize(pipe, preset, prompts=...)``
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from diffq.errors import RecipeError
 from diffq.formats import MXFP4, NVFP4, QuantSpec
-from diffq.quantization.recipe import W4A4_SKIP_ROLES, Recipe
+from diffq.quantization.recipe import DEFAULT_INT8_WEIGHT_ROLES, W4A4_SKIP_ROLES, Recipe
 
 _INT8_CH = QuantSpec("int8", "channel")
 _INT8_TOK = QuantSpec("int8", "token")
@@ -26,6 +27,9 @@ _FP8_CH = QuantSpec("fp8_e4m3", "channel")
 _FP8_TOK = QuantSpec("fp8_e4m3", "token")
 
 _INT4_G64_ACT = QuantSpec("int4", "group", 64)
+#: w4a8 / w4a16: the timestep/condition embedding linears (16-bit by default: ~40% of digits-sd's
+#: w4a8 bytes) stored int8 per channel, weight-only, as well as the UNet reference set if skipped
+_INT8_EMBED = ("embed", *DEFAULT_INT8_WEIGHT_ROLES)
 _UINT4_G64_ACT = QuantSpec("uint4", "group", 64)
 
 PRESETS: dict[str, Recipe] = {
@@ -34,9 +38,16 @@ PRESETS: dict[str, Recipe] = {
         "w8a8-static", weight=_INT8_CH, act=QuantSpec("int8", "tensor"), act_static=True, act_clip="mse"
     ),
     "w8a16": Recipe("w8a16", weight=_INT8_CH, act=None),
-    "w4a8": Recipe("w4a8", weight=_INT4_G64, act=_INT8_TOK, weight_clip="mse", rounding="gptq"),
+    "w4a8": Recipe(
+        "w4a8", weight=_INT4_G64, act=_INT8_TOK, weight_clip="mse", rounding="gptq", smooth_alpha=0.5,
+        smooth_search=True, shared_smoothing=True, act_center=True, int8_weight_roles=_INT8_EMBED,
+    ),
     "w3a8": Recipe("w3a8", weight=_INT3_G64, act=_INT8_TOK, weight_clip="mse"),
-    "w4a16": Recipe("w4a16", weight=_INT4_G64, act=None, weight_clip="mse", rounding="gptq"),
+    # weight-only: the α search scales the weights by activation-aware factors (AWQ-like)
+    "w4a16": Recipe(
+        "w4a16", weight=_INT4_G64, act=None, weight_clip="mse", rounding="gptq", smooth_alpha=0.5,
+        smooth_search=True, shared_smoothing=True, int8_weight_roles=_INT8_EMBED,
+    ),
     "w4a4": Recipe("w4a4", weight=_INT4_G64, act=_INT4_G64_ACT, skip_roles=W4A4_SKIP_ROLES),
     "w4a4-svd": Recipe(
         "w4a4-svd",
@@ -65,10 +76,12 @@ DESCRIPTIONS = {
     "w8a8": "int8 per-channel weights, int8 dynamic per-token activations",
     "w8a8-static": "int8 weights, int8 activations with calibrated ranges per timestep group",
     "w8a16": "int8 per-channel weights, 16-bit activations (weight-only; the most faithful 8-bit option)",
-    "w4a8": "int4 weights (group 64, GPTQ with MSE-clipped groups), int8 per-token activations",
+    "w4a8": "int4 weights (group 64, GPTQ with MSE-clipped groups, smoothing strength searched per layer), "
+    "int8 per-token activations (linear inputs centred per sample); embeddings int8 weight-only",
     "w3a8": "int3 weights (group 64, MSE clipping, 8 per 3 bytes), int8 per-token activations; "
     "a candidate for mixed precision (too lossy alone for most models), reference path only",
-    "w4a16": "int4 weights (group 64, GPTQ with MSE-clipped groups), 16-bit activations",
+    "w4a16": "int4 weights (group 64, GPTQ with MSE-clipped groups, activation-aware scaling searched per "
+    "layer), 16-bit activations; embeddings int8 weight-only",
     "w4a4": "int4 weights and activations (group 64), plain round-to-nearest; UNet shortcut/resample/proj "
     "with int8 weights and 16-bit activations",
     "w4a4-svd": "SVDQuant-style: smoothing (strength searched per layer) + rank-32 16-bit branch + GPTQ int4 "
