@@ -230,13 +230,13 @@ def _reference_rows(kind: str) -> Callable[[nn.Module, torch.Tensor], torch.Tens
     return run
 
 
-def _center_rows(reference: bool) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
-    """(module, per-sample channel means c [B, K] fp32) -> c_s · (Wqᵀ + down · up) [B, N] fp32, with
-    ``c_s = c / smooth``: the exact (unquantized) part of a centred layer, on the W4A16 kernel (a
-    second read of the int4 weight, B rows) or its reference. No bias: the main GEMM adds it."""
+def _center_rows(reference: bool) -> Callable[[nn.Module, torch.Tensor, torch.dtype], torch.Tensor]:
+    """(module, per-sample channel means c [B, K] fp32, input dtype) -> c_s · (Wqᵀ + down · up)
+    [B, N] fp32, with ``c_s = c / smooth`` in the input dtype: the exact (unquantized) part of a
+    centred layer, on the W4A16 kernel (a second read of the int4 weight, B rows) or its reference.
+    No bias: the main GEMM adds it."""
 
-    def run(module: nn.Module, c: torch.Tensor) -> torch.Tensor:
-        dt = module.compute_dtype
+    def run(module: nn.Module, c: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         c_s = c if module.smooth is None else c / module.smooth
         c_s = c_s.to(dt)
         g = module.wspec.group_size
@@ -256,7 +256,7 @@ def _center_rows(reference: bool) -> Callable[[nn.Module, torch.Tensor], torch.T
     return run
 
 
-def _centered(linear: FusedForward, center_rows: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> FusedForward:
+def _centered(linear: FusedForward, center_rows: Callable[[nn.Module, torch.Tensor, torch.dtype], torch.Tensor]) -> FusedForward:
     """A centred linear layer (``act.center``: the reference computes ``(Q(x_s - c) + c) · Wqᵀ`` with
     ``c`` each sample's per-channel mean of ``x_s = x / smooth`` over its tokens) on a kernel that
     knows nothing of centring. The layer is linear in its unquantized input, so
@@ -270,7 +270,7 @@ def _centered(linear: FusedForward, center_rows: Callable[[nn.Module, torch.Tens
             return linear(mod, x)
         c = x.mean(dim=tuple(range(1, x.dim() - 1)), keepdim=True, dtype=torch.float32)  # [B, 1.., K]
         y = linear(mod, x - c.to(x.dtype))
-        corr = center_rows(mod, c.reshape(x.shape[0], x.shape[-1]))  # [B, N]
+        corr = center_rows(mod, c.reshape(x.shape[0], x.shape[-1]), x.dtype)  # [B, N]
         return y + corr.reshape(x.shape[0], *([1] * (x.dim() - 2)), -1).to(y.dtype)
 
     return run

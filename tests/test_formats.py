@@ -288,3 +288,20 @@ def test_coarse_to_fine_mse_clip_is_within_half_a_percent_of_exhaustive_search(s
     assert float(fast.sum()) <= float(err(1.0).sum())  # never worse than min-max (strictly better at 4 bits)
     if spec.dtype == "int4":
         assert float(fast.sum()) < 0.99 * float(err(1.0).sum())
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int4", "group", 64, "fp16"), QuantSpec("uint4", "group", 64, "fp16"),
+                                  QuantSpec("fp8_e4m3", "channel"), NVFP4])
+def test_requantize_in_row_chunks_is_exact(spec, monkeypatch):
+    """requantize encodes large tensors in row chunks (bounded temporaries): the same codes as one pass."""
+    from diffq.formats import core
+
+    torch.manual_seed(0)
+    w = torch.randn(600, 256) * 3
+    q = quantize(w, spec)
+    y = w + 0.05 * torch.randn_like(w)
+    chunked = core.requantize(q, y)
+    monkeypatch.setattr(core, "REQUANTIZE_ROWS", 10_000)
+    whole = core.requantize(q, y)
+    assert chunked.codes.dtype == whole.codes.dtype
+    assert torch.equal(chunked.codes.view(torch.uint8), whole.codes.view(torch.uint8))

@@ -173,6 +173,30 @@ def test_gptq_is_the_textbook_algorithm(spec):
     assert abs(err(got) / err(ref) - 1) < 0.005, (err(got), err(ref))
 
 
+def test_gptq_in_place_rounding_equals_the_copying_form():
+    """gptq_quantize rounds its transposed working copy in place (originals transposed a block at a
+    time from the input): the same codes as rounding a copy, for dynamic groups and static grids,
+    and with more input channels than one Hessian block."""
+    from diffq.methods.gptq import expand_grid, round_columns, transposed
+
+    torch.manual_seed(0)
+    w, x = torch.randn(40, 320), torch.randn(200, 320) * (torch.rand(320) * 3)
+    for spec in (W4, QuantSpec("int4", "channel")):
+        grid = quantize(w, spec)
+        got = gptq_quantize(w, grid, x, max_columns=128)  # 3 Hessian blocks, in place
+        scale, _ = expand_grid(grid)
+        wt, st = transposed(w), transposed(scale)
+        copy = torch.cat([round_columns(wt[c:c + 128], st[c:c + 128], None, spec, x[:, c:c + 128].t() @ x[:, c:c + 128])
+                          for c in range(0, 320, 128)])
+        assert torch.equal(wt, transposed(w))  # the copying form leaves its input alone
+        if spec.granularity == "channel":  # static grid: compare with the copying form directly
+            assert torch.equal(dequantize(got), transposed(copy))
+        inplace = wt.clone()
+        done = round_columns(inplace[:128], st[:128], None, spec, x[:, :128].t() @ x[:, :128],
+                             original=lambda b1, b2: w[:, b1:b2].t().contiguous())
+        assert done.data_ptr() == inplace.data_ptr() and torch.equal(done, copy[:128])
+
+
 @pytest.mark.parametrize("kind", ["zero", "rank1", "nan_free_tiny"])
 def test_singular_hessian_is_damped_never_a_crash(kind):
     w = _layer().weight.detach()

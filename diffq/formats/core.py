@@ -309,11 +309,26 @@ def requantize(q: QTensor, x: torch.Tensor) -> QTensor:
     _check_finite(x)
     x2 = _as_rows(x.detach().float(), q.spec)
     r, c = x2.shape
-    xg = _grouped(x2, q.spec)
-    zero = None if q.zero is None else q.zero.unsqueeze(-1)
-    codes = _ungroup(encode(xg, q.scale.unsqueeze(-1), q.spec, zero), r, c)
+    if q.spec.granularity == "tensor" or r <= REQUANTIZE_ROWS:
+        zero = None if q.zero is None else q.zero.unsqueeze(-1)
+        codes = _ungroup(encode(_grouped(x2, q.spec), q.scale.unsqueeze(-1), q.spec, zero), r, c)
+    else:  # rows are independent: encode in chunks, so the float temporaries stay a few MB
+        scale = q.scale.reshape(r, -1)
+        zeros = None if q.zero is None else q.zero.reshape(r, -1)
+        codes = None
+        for i in range(0, r, REQUANTIZE_ROWS):
+            j = min(i + REQUANTIZE_ROWS, r)
+            z = None if zeros is None else zeros[i:j].unsqueeze(-1)
+            part = _ungroup(encode(_grouped(x2[i:j], q.spec), scale[i:j].unsqueeze(-1), q.spec, z), j - i, c)
+            if codes is None:
+                codes = torch.empty(r, c, dtype=part.dtype, device=part.device)
+            codes[i:j] = part
     return QTensor(codes, q.scale, q.spec, q.shape, zero=q.zero, scale_stored=q.scale_stored,
                    global_scale=q.global_scale)
+
+
+#: rows per chunk of :func:`requantize` (a 15360-wide layer's chunk: 16 MB of fp32 per temporary)
+REQUANTIZE_ROWS = 256
 
 
 def _code_dtype(spec: QuantSpec) -> torch.dtype:

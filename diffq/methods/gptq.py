@@ -140,13 +140,19 @@ def round_columns(
     act_order: bool = False,
     regroup: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     group: int = 0,
+    original: Callable[[int, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """:func:`gptq_round` on the transposed layout: ``wt`` [K, R] fp32 contiguous (row j = column j, so
-    that every column GPTQ touches is contiguous in memory; left unchanged), grid ``st`` / ``zt``
-    [K, R] (None where ``regroup`` sets every group's). Returns the rounded values [K, R].
+    that every column GPTQ touches is contiguous in memory), grid ``st`` / ``zt`` [K, R] (None where
+    ``regroup`` sets every group's). Returns the rounded values [K, R].
 
-    Each column is rounded in place in an error-fed copy of ``wt``, which becomes the result."""
+    Each column is rounded in place in an error-fed copy of ``wt``, which becomes the result, and
+    ``wt`` is left unchanged; with ``original(b1, b2)`` -> ``wt[b1:b2]`` as it was before any feedback
+    (e.g. transposed from the caller's row-major weight, a block at a time), ``wt`` itself is
+    error-fed and rounded in place and returned: no second [K, R] copy (not with act-order)."""
     k = wt.shape[0]
+    if original is not None and act_order:
+        raise ValueError("rounding in place (original=...) needs the columns in their order: no act-order")
     if regroup is not None and (act_order or group % SUB_BLOCK or block % group):
         raise ValueError(f"dynamic groups need group % {SUB_BLOCK} == 0, block % group == 0 and no act-order")
     if regroup is None and st is None:
@@ -156,23 +162,25 @@ def round_columns(
     if perm is not None:
         w0, st, h = w0[perm], st[perm], h[perm][:, perm]
         zt = None if zt is None else zt[perm]
-    fed = w0.clone()  # the columns with feedback; each becomes its rounded values once reached
+    # the columns with feedback; each becomes its rounded values once reached
+    fed = w0.clone() if original is None else wt
     m = feedback_matrix(h, damp)
     err = torch.empty(block, fed.shape[1], dtype=fed.dtype, device=fed.device)
     sc = z = None
     for b1 in range(0, k, block):
         b2 = min(b1 + block, k)
+        w0b = w0[b1:b2] if original is None else original(b1, b2)  # this block's columns before feedback
         with one_thread(fed.device):  # small ops: serial (see diffq.methods.threads)
             for s1 in range(b1, b2, SUB_BLOCK):
                 s2 = min(s1 + SUB_BLOCK, b2)
                 if regroup is not None and s1 % group == 0:
-                    sc, z = regroup(s1, _group_columns(w0, fed, m, s1, s1 + group).t())
+                    sc, z = regroup(s1, _group_columns(w0b, fed, m, s1, s1 + group, b1).t())
                     sc, z = sc.reshape(-1), None if z is None else z.reshape(-1)  # this group's grid [R]
                 for j in range(s1, s2):
                     scale_j = sc if regroup is not None else st[j]
                     zero_j = z if regroup is not None else (None if zt is None else zt[j])
                     q = grid_values(fed[j], scale_j, spec, zero_j, out=fed[j])
-                    e = torch.sub(w0[j], q, out=err[j - b1])
+                    e = torch.sub(w0b[j - b1], q, out=err[j - b1])
                     if j + 1 < s2:
                         fed[j + 1 : s2].addr_(m[j, j + 1 : s2], e)
                 if s2 < b2:
@@ -198,16 +206,18 @@ def transposed(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _group_columns(w0: torch.Tensor, wt: torch.Tensor, m: torch.Tensor, g1: int, g2: int) -> torch.Tensor:
+def _group_columns(w0b: torch.Tensor, wt: torch.Tensor, m: torch.Tensor, g1: int, g2: int, b1: int) -> torch.Tensor:
     """Columns ``g1:g2`` [g, R] (transposed layout) as GPTQ's usual form has them when their group
     starts: the original columns plus the optimal compensation of the error of every column rounded
     so far. ``wt`` holds them with the feedback of :func:`feedback_matrix`, which equals that
     compensation only once a column itself is reached; inside the group the two differ by the
     group's diagonal block of ``M``: compensation = feedback · ``M[g1:g2, g1:g2]⁻¹`` (row vectors), a
-    triangular solve of the group's width."""
-    fed = wt[g1:g2] - w0[g1:g2]
+    triangular solve of the group's width. ``w0b``: the original columns of the block starting at
+    column ``b1`` (the group lies inside it)."""
+    orig = w0b[g1 - b1 : g2 - b1]
+    fed = wt[g1:g2] - orig
     comp = torch.linalg.solve_triangular(m[g1:g2, g1:g2].t(), fed, upper=False, unitriangular=True)
-    return comp.add_(w0[g1:g2])
+    return comp.add_(orig)
 
 
 def gptq_quantize(
@@ -264,17 +274,25 @@ def gptq_quantize(
     width = cin if not max_columns else min(cin, max_columns)
     if dynamic:
         width = max(g, width // g * g)
-    rows_t = transposed(rows)  # [Cin, N·taps]
-    out_t = torch.empty_like(rows_t)
+    # [Cin, N·taps], error-fed and rounded in place; each block's original columns come transposed
+    # from ``rows`` when it is reached (memory: one [Cin, N·taps] working copy besides the input)
+    out_t = transposed(rows)
     for c1 in range(0, cin, width):
         c2 = min(c1 + width, cin)
         sub = (lambda j, cols, c1=c1: regroup(c1 + j, cols)) if dynamic else None
-        out_t[c1:c2] = round_columns(
-            rows_t[c1:c2], None if st is None else st[c1:c2], None if zt is None else zt[c1:c2], spec,
+        orig = None if act_order else (lambda b1, b2, c1=c1: rows[:, c1 + b1 : c1 + b2].t().contiguous())
+        done = round_columns(
+            out_t[c1:c2], None if st is None else st[c1:c2], None if zt is None else zt[c1:c2], spec,
             hessian(xw[:, c1:c2]), block=block, damp=damp, act_order=act_order, regroup=sub, group=g,
+            original=orig,
         )
+        if orig is None:
+            out_t[c1:c2] = done
+    del st, zt  # the working copies go before the result is laid out and encoded (peak memory)
     if dynamic:
         groups = grid.scale.shape
         grid = replace(grid, scale=scale.reshape(groups), scale_stored=stored.reshape(groups),
                        zero=None if zero is None else zero.reshape(groups))
-    return requantize(grid, transposed(out_t).reshape(n, kk))
+    values = transposed(out_t)
+    del out_t
+    return requantize(grid, values.reshape(n, kk))
