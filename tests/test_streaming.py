@@ -117,15 +117,21 @@ def test_sigkill_mid_way_resumes_identical(calibrated, reference, tmp_path):
     _same(resumed, reference)
 
 
-def test_meta_denoiser_streamed_from_its_file_equals_in_memory(calibrated, reference, tmp_path):
+def _meta_copy_with_file(pipe, tmp_path):
+    """(the pipeline with its transformer rebuilt on meta, the transformer's weights in one safetensors file)."""
     from diffusers import FluxTransformer2DModel
 
-    pipe, stats = calibrated
     src = tmp_path / "transformer.safetensors"
     save_file({k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}, str(src))
     meta_pipe = copy.deepcopy(pipe)
     with torch.device("meta"):
         meta_pipe.transformer = FluxTransformer2DModel.from_config(pipe.transformer.config).eval()
+    return meta_pipe, src
+
+
+def test_meta_denoiser_streamed_from_its_file_equals_in_memory(calibrated, reference, tmp_path):
+    pipe, stats = calibrated
+    meta_pipe, src = _meta_copy_with_file(pipe, tmp_path)
     diffq.quantize(meta_pipe, PRESET, calibration=stats, progress=False, work_dir=tmp_path / "w", dense_source=src)
     assert not streaming.meta_tensors(meta_pipe.transformer)
     assert quant_state(meta_pipe.transformer).base_fingerprint == quant_state(reference.transformer).base_fingerprint
@@ -136,14 +142,8 @@ def test_meta_denoiser_streamed_from_its_file_equals_in_memory(calibrated, refer
 def test_streamed_dense_layers_are_released_after_their_block(calibrated, reference, tmp_path, monkeypatch):
     """With dense_source, a block's dense weights live only while the block is quantized: every
     swapped-out layer is back on meta when the call returns (its dtype kept for the summary)."""
-    from diffusers import FluxTransformer2DModel
-
     pipe, stats = calibrated
-    src = tmp_path / "transformer.safetensors"
-    save_file({k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}, str(src))
-    meta_pipe = copy.deepcopy(pipe)
-    with torch.device("meta"):
-        meta_pipe.transformer = FluxTransformer2DModel.from_config(pipe.transformer.config).eval()
+    meta_pipe, src = _meta_copy_with_file(pipe, tmp_path)
     real, seen, materialised = streaming.install_layers, [], []
 
     def spy(root, chs, *a, **k):

@@ -280,7 +280,7 @@ def gptq_quantize(
     for c1 in range(0, cin, width):
         c2 = min(c1 + width, cin)
         sub = (lambda j, cols, c1=c1: regroup(c1 + j, cols)) if dynamic else None
-        orig = None if act_order else (lambda b1, b2, c1=c1: rows[:, c1 + b1 : c1 + b2].t().contiguous())
+        orig = None if act_order else (lambda b1, b2, c1=c1: transposed(rows[:, c1 + b1 : c1 + b2]))
         done = round_columns(
             out_t[c1:c2], None if st is None else st[c1:c2], None if zt is None else zt[c1:c2], spec,
             hessian(xw[:, c1:c2]), block=block, damp=damp, act_order=act_order, regroup=sub, group=g,

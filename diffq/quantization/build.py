@@ -158,10 +158,10 @@ def shared_smoothing(members: list[LayerChoice], stats: CalibrationStats | None,
     has the lowest output error on the first member's calibration rows (the input is the same).
     Each layer then divides the same input by the same vector, so the layers can be fused and the
     vector could be folded into the norm before them, as SmoothQuant does."""
-    m0 = members[0]
-    w = torch.cat([_weight_rows(m.module).float() for m in members])
-    rank = sum(effective_rank(m.rank, *_weight_rows(m.module).shape, m.recipe.rank_ratio) for m in members)
-    return layer_smoothing(m0, stats, w, effective_rank(rank, *w.shape, None), None, floor)
+    parts = [_weight_rows(m.module) for m in members]
+    rank = sum(effective_rank(m.rank, *p.shape, m.recipe.rank_ratio) for m, p in zip(members, parts))
+    w = torch.cat([p.float() for p in parts])
+    return layer_smoothing(members[0], stats, w, effective_rank(rank, *w.shape, None), None, floor)
 
 
 def _rtn(w: torch.Tensor, spec: QuantSpec, recipe: Recipe) -> QTensor:

@@ -85,8 +85,9 @@ class Recipe:
         being each sample's per-channel mean over its tokens (:class:`diffq.modules.ActQuantizer`):
         removes per-sample channel offsets such as the shift of adaLN-modulated norms (DiT FFN and
         attention inputs). Conv inputs are not centred (doing so lowered digits-sd's PSNR by 0.5 dB on
-        the validation split). Runs on the reference path (no kernel subtracts the mean yet); excludes
-        ``act_unsigned``.
+        the validation split). Linear layers with int4 weights keep their kernel (the means go
+        through the W4A16 kernel: :mod:`diffq.kernels.layer_dispatch`); others run on the reference
+        path. Excludes ``act_unsigned``.
     Group sizes (``weight``/``act`` with granularity ``group``) that do not divide a layer's input
         width are halved until they do (down to 8), else that layer uses one scale per row; see
         :func:`diffq.quantization.selection.fit_group`.
