@@ -34,15 +34,18 @@ from diffq.sizes import module_bytes
 
 PROXY_ROWS = (128, 256)
 #: (label, recipe overrides)
-VARIANTS = (("default", {}), ("adaLN int8 weight-only", {"weight_only": "int8"}),
-            ("adaLN 16-bit", {"weight_only_roles": []}),
-            # the UNets' reference set (shortcut, resample, proj): int8 weights by default; in 16 bits as the
-            # reference keeps it; or int4 weight-only
-            ("UNet set 16-bit", {"int8_weight_roles": []}),
+_BEFORE = {"int8_weight_roles": ["shortcut", "resample", "proj"], "weight_only_roles": ["adanorm"],
+           "weight_only_share": 0.1}
+VARIANTS = (("default", {}), ("weight-only int8", {"weight_only": "int8"}),
+            ("adaLN 16-bit", {"weight_only_roles": ["resample"]}),
+            # the default before the embeddings went int8 and the resample convs weight-only
+            ("embed 16-bit, resample int8 (before)", _BEFORE),
+            # the UNets' reference set (shortcut, resample, proj) in 16 bits as the reference keeps it, or
+            # int4 weight-only; embeddings in 16 bits
+            ("UNet set 16-bit (reference)", {**_BEFORE, "int8_weight_roles": []}),
             ("UNet set int4 weight-only", {"int8_weight_roles": [],
                                            "weight_only_roles": ["adanorm", "shortcut", "resample", "proj"],
-                                           "weight_only_share": 0.0}),
-            ("UNet set + embed int8", {"int8_weight_roles": ["shortcut", "resample", "proj", "embed"]}))
+                                           "weight_only_share": 0.0}))
 
 
 def families() -> dict[str, tuple]:
@@ -151,7 +154,7 @@ def main() -> None:
                 row["seconds"] = time.perf_counter() - t0
                 row["variant"] = tag
                 rows.append(row)
-                print(f"{name:13s} {preset:9s} {tag:22s} {row['params'] / 1e9:6.2f}B params "
+                print(f"{name:13s} {preset:9s} {tag:36s} {row['params'] / 1e9:6.2f}B params "
                       f"bf16 {row['bf16_bytes'] / 2**30:6.2f} GiB -> {row['quantized_bytes'] / 2**30:6.2f} GiB "
                       f"{row['ratio']:.2f}x (adaLN {row['adanorm_share']:.1%} of weights, "
                       f"{row['weight_only_layers']} weight-only layers) {row['seconds']:.0f} s", flush=True)

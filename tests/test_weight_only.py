@@ -90,11 +90,11 @@ def test_stored_bytes_are_the_bytes_a_layer_holds(spec):
         assert s.stored_bytes(96, 256) == module_bytes(m, float_bits=16)
 
 
-def test_unets_are_unchanged():
+def test_unets_are_unchanged_by_the_adaln_rule():
     pipe = tiny_pipeline("sd")
     a = adapter_for(pipe)
     on = choose_layers(a.denoiser(pipe), get_preset("w4a4-svd"), role_of=a.role_of)
-    off = choose_layers(a.denoiser(pipe), get_preset("w4a4-svd").with_overrides({"weight_only_roles": []}),
+    off = choose_layers(a.denoiser(pipe), get_preset("w4a4-svd").with_overrides({"weight_only_roles": ["resample"]}),
                         role_of=a.role_of)
     assert [(c.name, c.skip, c.weight, c.act) for c in on] == [(c.name, c.skip, c.weight, c.act) for c in off]
 
@@ -121,6 +121,26 @@ def test_family_size_bytes_are_the_bytes_diffq_builds():
         assert sizer(ch) == module_bytes(build_layer(ch, None), float_bits=16)
 
 
+@pytest.mark.parametrize("mod,role,bits,rank", [
+    (nn.Conv2d(320, 320, 3, padding=1, device="meta"), "resample", 4, 32),  # SD1.5's narrowest resample conv
+    (nn.Conv2d(32, 32, 3, padding=1, device="meta"), "resample", 8, 0),  # digits-sd's: int8 is smaller
+    (nn.Linear(1280, 320, device="meta"), "embed", 8, 0),  # a UNet time_emb_proj
+    (nn.Linear(3072, 3072, device="meta"), "embed", 8, 0),
+])
+def test_w4a4_svd_resample_weight_only_and_embeddings_int8(mod, role, bits, rank):
+    """w4a4-svd: the resample convs follow adaLN's weight-only rule at any share (int8 where it is no
+    larger than int4 + branch), the embeddings are int8 weight-only; neither gets activation
+    quantization or smoothing; the pre-change recipe kept embeddings in 16 bits and resample at int8."""
+    for preset in ("w4a4-svd", "fp4-svd"):
+        ch = choose_layers(nn.Sequential(mod), get_preset(preset), role_of=lambda name: role)[0]
+        assert ch.skip is None and ch.act is None and ch.smooth_alpha is None
+        assert ch.weight.bits == bits and ch.rank == rank
+    before = get_preset("w4a4-svd").with_overrides(
+        {"int8_weight_roles": ["shortcut", "resample", "proj"], "weight_only_roles": ["adanorm"], "weight_only_share": 0.1})
+    ch = choose_layers(nn.Sequential(mod), before, role_of=lambda name: role)[0]
+    assert (ch.skip is not None) if role == "embed" else (ch.weight.bits == 8 and ch.rank == 0)
+
+
 def test_unet_reference_set_stores_int8_weights():
     """The UNets' shortcut/resample/proj layers stay out of 4-bit quantization (16-bit activations, no
     branch, no smoothing) with int8 per-channel weights; ``int8_weight_roles=()`` keeps them in 16 bits."""
@@ -128,8 +148,9 @@ def test_unet_reference_set_stores_int8_weights():
     a = adapter_for(pipe)
     den = a.denoiser(pipe)
     on = choose_layers(den, get_preset("w4a4-svd").without_calibration(), role_of=a.role_of)
-    off = choose_layers(den, get_preset("w4a4-svd").without_calibration().with_overrides({"int8_weight_roles": []}),
-                        role_of=a.role_of)
+    # w4a4-svd's resample convs are weight-only (int8 on these narrow ones); without that and the int8 set: 16 bits
+    off = choose_layers(den, get_preset("w4a4-svd").without_calibration().with_overrides(
+        {"int8_weight_roles": ["embed"], "weight_only_roles": ["adanorm"]}), role_of=a.role_of)
     ref_set = [c for c in on if c.role in ("shortcut", "resample", "proj")]
     assert {c.role for c in ref_set} == {"shortcut", "resample", "proj"}
     assert all(c.skip is None and c.weight == QuantSpec("int8", "channel") and c.act is None and c.rank == 0

@@ -63,9 +63,9 @@ def mse_clip_ratio(
             sl = slice(i, i + rows)
             x = xg[sl]
             lo_c = None if lo is None else lo[sl]
-            cand = coarse.reshape(-1, 1, 1).expand(len(coarse), *x.shape[:2])
+            cand = coarse.expand(*x.shape[:2], len(coarse))
             err, ratio = _best(x, spec, hi[sl], lo_c, cand, gscale, imp)
-            fine = torch.stack([(ratio + k * step).clamp(lo_g, hi_g) for k in (-2, -1, 1, 2)])
+            fine = torch.stack([(ratio + k * step).clamp(lo_g, hi_g) for k in (-2, -1, 1, 2)], dim=-1)
             err_f, ratio_f = _best(x, spec, hi[sl], lo_c, fine, gscale, imp)
             out[sl] = torch.where(err_f < err, ratio_f, ratio)
     return out
@@ -73,13 +73,19 @@ def mse_clip_ratio(
 
 def _best(x: torch.Tensor, spec: QuantSpec, hi: torch.Tensor, lo: torch.Tensor | None, ratios: torch.Tensor,
           gscale: torch.Tensor | None, imp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [r, G, g], ranges [r, G], candidate ratios [K, r, G] -> (best error, its ratio), each [r, G]."""
+    """x [r, G, g], ranges [r, G], candidate ratios [r, G, K] -> (best error, its ratio), each [r, G].
+
+    Candidates are the last-but-one axis of the stacked values [r, G, K, g], so the errors [r, G, K]
+    are reduced over a contiguous axis (an argmin over a leading axis is strided: several times slower
+    on CPU for these small tensors); the first of equal errors wins, as in a leading-axis argmin."""
+    hi, lo = hi.unsqueeze(-1), None if lo is None else lo.unsqueeze(-1)
     scale, _, zero, _ = range_grid(spec, hi * ratios, None if lo is None else lo * ratios, gscale)
-    v = grid_values(x, scale.unsqueeze(-1), spec, None if zero is None else zero.unsqueeze(-1))
-    err = v.sub_(x).square_()
-    err = (err if imp is None else err.mul_(imp)).sum(-1)  # [K, r, G]
-    best = err.argmin(0, keepdim=True)
-    return err.gather(0, best)[0], ratios.gather(0, best)[0]
+    xs = x.unsqueeze(2)  # [r, G, 1, g]
+    v = grid_values(xs, scale.unsqueeze(-1), spec, None if zero is None else zero.unsqueeze(-1))
+    err = v.sub_(xs).square_()
+    err = (err if imp is None else err.mul_(imp.unsqueeze(2))).sum(-1)  # [r, G, K]
+    best = err.argmin(-1, keepdim=True)
+    return err.gather(-1, best)[..., 0], ratios.gather(-1, best)[..., 0]
 
 
 def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

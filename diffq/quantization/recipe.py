@@ -99,7 +99,8 @@ class Recipe:
         hold at least ``weight_only_share`` of the denoiser's quantizable weights (FLUX's and SD3's
         adaLN modulation linears: about a quarter) is quantized weight-only, with the ``weight_only``
         format, without activation quantization or smoothing, even where ``skip_roles`` lists it; a
-        smaller share follows the skip rules (on UNets and PixArt these roles are a few percent).
+        smaller share follows the skip rules (on UNets and PixArt these roles are a few percent);
+        ``w4a4-svd`` / ``fp4-svd`` list ``adanorm`` and ``resample`` at share 0 (any share).
         ``weight_only=None`` chooses per layer: int8 per channel without a branch where that takes no
         more bytes than the recipe's ``weight`` format with its low-rank branch (narrow layers), else
         that format and branch (:func:`diffq.quantization.selection.choose_layers`); an 8-bit
