@@ -93,11 +93,12 @@ def search_alpha(
     # the dense part of every candidate's error is computed once, the branch's part through its
     # factors (rank r instead of K), and each candidate costs one large product instead of two.
     direct = x.shape[1] == w.shape[1]
-    dense = x @ (w if rows is None else w[rows]).t() if direct else None  # [n, outputs]
+    w_out = w if rows is None else w[rows]  # the scored output channels [outputs, K], gathered once
+    dense = x @ w_out.t() if direct else None  # [n, outputs]
     for alpha in grid:
         s = smooth_factors(profile, w, alpha, cin, weight_max=w_max)
         col = s.repeat(w.shape[1] // cin)  # W·s = W · diag(col) (rows channel-fastest), never materialised
-        sub = (w if rows is None else w[rows]) * col
+        sub = w_out * col
         us = None
         if rank > 0:
             u, sv, vh = top_subspace(w, rank, start=warm_start(start, w, rank), iters=1 if start is not None else 4,
