@@ -21,6 +21,7 @@ import argparse
 import copy
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -144,7 +145,10 @@ def _cached_images(path: Path, make) -> torch.Tensor:
 
 
 def run(model: str, configs: dict[str, str], *, num_prompts: int, calib_prompts: int, reservoir: int,
-        steps: int, guidance: float, cache: Path, batch_size: int = 50, seed_offset: int = 0) -> dict:
+        steps: int, guidance: float, cache: Path, batch_size: int = 50, seed_offset: int = 0,
+        post: dict[str, Callable[[object], None]] | None = None) -> dict:
+    """One row per config (label -> ``preset[:k=v,...]``); ``post[label](pipe)``, where given, changes
+    that row's quantized pipeline before it generates (a study of a format the core does not build)."""
     pipe = diffq.load_model(model)
     prompts = prompt_list("digits", num_prompts)
     seeds = list(range(seed_offset, seed_offset + num_prompts))
@@ -168,6 +172,8 @@ def run(model: str, configs: dict[str, str], *, num_prompts: int, calib_prompts:
         t0 = time.perf_counter()
         summary = diffq.quantize(p, recipe_of(text), calibration=stats, progress=False)
         qtime = time.perf_counter() - t0
+        if post and label in post:
+            post[label](p)
         imgs = generate(p, prompts, seeds, **kw)
         ps, ss = psnr(imgs, ref).clamp(max=100), ssim(imgs, ref)
         clip = judge.clip_score(imgs, prompts)
