@@ -379,6 +379,23 @@ def test_fused_conv_matches_module_reference(kind, k):
     assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
 
 
+def test_fused_weight_only_strided_conv_with_branch_matches_module_reference():
+    """What ``w4a4-svd`` gives SD1.5's / SDXL's resample convs: int4 g64 weights with a low-rank branch,
+    16-bit activations, no smoothing, stride 2 (the downsamplers): the W4A16 kernel through im2col."""
+    torch.manual_seed(3)
+    cin, n = 64, 32
+    q = quantize(torch.randn(n, cin * 9), QuantSpec("int4", "group", 64, "fp16"))
+    m = QuantConv2d(q, in_channels=cin, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1),
+                    bias=torch.randn(n), act=None, smooth=None, lr_down=torch.randn(cin * 9, 4) * 0.1,
+                    lr_up=torch.randn(4, n) * 0.1)
+    assert layer_dispatch.kernel_kind(m) == "w4a16"
+    x = torch.randn(1, cin, 9, 8)
+    want = m(x)
+    got = layer_dispatch.fused_forward(m, backend="triton")(m, x)
+    assert got.shape == want.shape == (1, n, 5, 4)
+    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
 def test_unfusable_formats_keep_the_reference_path():
     # 3x3 conv with per-token activations: im2col would change the scale granularity
     assert layer_dispatch.kernel_kind(_module("w8a8", conv_k=3)) is None
