@@ -146,27 +146,33 @@ def forget(module: nn.Module) -> None:
 _sources = fp4_layers.plan_sources
 
 
-def _plan(module: nn.Module, kind: str, device: torch.device) -> kd.LinearPlan:
+def _plan(module: nn.Module, kind: str, device: torch.device, *, means: bool = False) -> kd.LinearPlan:
     """The module's launch plan on ``device``, built once (repacked weights, group-major scales,
     1 / smooth, fp32 bias) and cached on the module per device. Rebuilt when one of the module's
     tensors was replaced (``set_lowrank``, LoRA fusion, ``load_state_dict`` into new tensors):
-    six identity comparisons per call. In-place edits of the same tensors need :func:`forget`."""
+    six identity comparisons per call. In-place edits of the same tensors need :func:`forget`.
+    ``means``: the W4A16 plan of a centred layer's mean rows instead (no bias; :func:`_center_rows`),
+    cached beside the main one."""
     cache = module.__dict__.setdefault(_CACHE, {})
-    hit = cache.get(device)
+    key = (device, "means") if means else device
+    hit = cache.get(key)
     src = _sources(module)
     if hit is not None and all(a is b for a, b in zip(hit[0], src)):
         return hit[1]
     group = module.wspec.group_size if kind in ("w4a16", "w4a8", "w4a4") else None
-    smooth = module.smooth
-    if smooth is not None and hasattr(module, "kernel_size"):
-        smooth = expand_channel_vector(smooth, module.kernel_size)
-    plan = kd.plan_for(
-        kind, module.qweight, module.wscale, group, bias=module.bias,
-        smooth=None if kind == "w4a16" else smooth,
-        lr_down=module.lr_down if kind == "w4a4" else None, lr_up=module.lr_up if kind == "w4a4" else None,
-    )  # fmt: skip
-    plan.smooth_k = smooth  # w4a16 smooths in torch (no activation quantization to fuse into)
-    cache[device] = (src, plan)
+    if means:
+        plan = kd.plan_for("w4a16", module.qweight, module.wscale, group)
+    else:
+        smooth = module.smooth
+        if smooth is not None and hasattr(module, "kernel_size"):
+            smooth = expand_channel_vector(smooth, module.kernel_size)
+        plan = kd.plan_for(
+            kind, module.qweight, module.wscale, group, bias=module.bias,
+            smooth=None if kind == "w4a16" else smooth,
+            lr_down=module.lr_down if kind == "w4a4" else None, lr_up=module.lr_up if kind == "w4a4" else None,
+        )  # fmt: skip
+        plan.smooth_k = smooth  # w4a16 smooths in torch (no activation quantization to fuse into)
+    cache[key] = (src, plan)
     return plan
 
 
@@ -239,16 +245,10 @@ def _center_rows(reference: bool) -> Callable[[nn.Module, torch.Tensor, torch.dt
     def run(module: nn.Module, c: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         c_s = c if module.smooth is None else c / module.smooth
         c_s = c_s.to(dt)
-        g = module.wspec.group_size
         if reference:
-            y = kd.w4a16_linear(c_s, module.qweight, module.wscale, g, None, backend="reference")
+            y = kd.w4a16_linear(c_s, module.qweight, module.wscale, module.wspec.group_size, None, backend="reference")
         else:
-            cache = module.__dict__.setdefault(_CACHE, {})
-            key = (c.device, "center")
-            hit = cache.get(key)
-            if hit is None or hit[0] is not module.qweight or hit[1] is not module.wscale:
-                hit = cache[key] = (module.qweight, module.wscale, kd.plan_for("w4a16", module.qweight, module.wscale, g))
-            y = hit[2].run(c_s.contiguous())
+            y = _plan(module, "w4a16", c.device, means=True).run(c_s.contiguous())
         if module.lr_down is not None:
             y = y + (c_s @ module.lr_down.to(dt)) @ module.lr_up.to(dt)
         return y.float()
