@@ -25,7 +25,7 @@ import torch
 import diffq.methods.gptq as gptq_mod
 import diffq.quantization.build as build_mod
 from benchmarks.ablation import _mean_se, run
-from diffq.formats import pack_bits
+from diffq.formats import int_range, pack_bits
 from diffq.io import write_json_atomic
 from diffq.modules import quantized_modules
 from diffq.modules.qweight import weight_codes, weight_scale
@@ -46,7 +46,8 @@ def integer_group_scales(pipe, smax: int = SMAX) -> int:
         s_ch = scale.amax(1, keepdim=True) / smax
         s_eff = (s_ch * torch.ceil(scale / s_ch).clamp(1, smax)).to(m.wscale.dtype)
         grouped = codes.reshape(codes.shape[0], -1, sp.group_size)
-        new = torch.round(grouped * (scale / s_eff.float()).unsqueeze(-1)).clamp(-7, 7)
+        qlo, qhi = int_range(sp)
+        new = torch.round(grouped * (scale / s_eff.float()).unsqueeze(-1)).clamp(qlo, qhi)
         m.qweight = pack_bits(new.reshape(codes.shape).to(torch.int8), 4)
         m.wscale = s_eff
         n += 1
@@ -63,7 +64,7 @@ def gptq_on_integer_grid(smax: int = SMAX, headroom: float = 1.06):
     def grid(spec, hi, lo=None, global_scale=None):
         unit = row_unit.get("unit")
         if unit is not None and spec.is_int and spec.symmetric and spec.bits == 4 and lo is None:
-            t = unit.reshape(hi.shape[0], *([1] * (hi.dim() - 1))) * int_range_max(spec)
+            t = unit.reshape(hi.shape[0], *([1] * (hi.dim() - 1))) * int_range(spec)[1]
             hi = torch.ceil(hi / t).clamp(1, smax) * t
         return orig_grid(spec, hi, lo, global_scale)
 
@@ -71,7 +72,7 @@ def gptq_on_integer_grid(smax: int = SMAX, headroom: float = 1.06):
         spec = q.spec
         if spec.is_int and spec.symmetric and spec.bits == 4 and spec.granularity == "group":
             rows = r.float().reshape(-1, xw.shape[1])
-            row_unit["unit"] = (rows.abs().amax(1) * headroom / (int_range_max(spec) * smax)).clamp_min(1e-12)
+            row_unit["unit"] = (rows.abs().amax(1) * headroom / (int_range(spec)[1] * smax)).clamp_min(1e-12)
         try:
             return orig_gptq(r, q, xw, **kw)
         finally:
@@ -82,10 +83,6 @@ def gptq_on_integer_grid(smax: int = SMAX, headroom: float = 1.06):
         yield
     finally:
         build_mod.gptq_quantize, gptq_mod.range_grid = orig_gptq, orig_grid
-
-
-def int_range_max(spec) -> int:
-    return 2 ** (spec.bits - 1) - 1
 
 
 def main() -> None:
