@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
+import threading
 import time
 from collections import defaultdict
 
@@ -62,24 +64,31 @@ def _kind(choice) -> str:
     return f"{choice.role} {shape}"
 
 
-def timed_quantize(pipe, recipe, stats) -> tuple[float, float, dict[str, dict]]:
-    """Quantize ``pipe`` with ``recipe``; (wall s, process CPU s, per layer kind: count, wall, cpu)."""
+def timed_quantize(pipe, recipe, stats, workers: int = 1) -> tuple[float, float, dict[str, dict]]:
+    """Quantize ``pipe`` with ``recipe`` on ``workers`` threads; (wall s, process CPU s, per layer kind:
+    count, wall, cpu). A layer's CPU time is the process's during its build, or with several workers
+    its own thread's (each worker runs its ops on itself); with several workers the per-kind wall times
+    overlap (their sum exceeds the wall time)."""
     per_kind: dict[str, dict] = defaultdict(lambda: {"layers": 0, "wall_s": 0.0, "cpu_s": 0.0})
     original = build_mod.build_layer
+    clock = time.thread_time if workers > 1 else time.process_time
+    lock = threading.Lock()
 
     def timed(choice, *a, **kw):
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0 = time.perf_counter(), clock()
         out = original(choice, *a, **kw)
-        row = per_kind[_kind(choice)]
-        row["layers"] += 1
-        row["wall_s"] += time.perf_counter() - t0
-        row["cpu_s"] += time.process_time() - c0
+        wall, cpu = time.perf_counter() - t0, clock() - c0
+        with lock:
+            row = per_kind[_kind(choice)]
+            row["layers"] += 1
+            row["wall_s"] += wall
+            row["cpu_s"] += cpu
         return out
 
     build_mod.build_layer = timed
     try:
         t0, c0 = time.perf_counter(), time.process_time()
-        diffq.quantize(pipe, recipe, calibration=stats, progress=False)
+        diffq.quantize(pipe, recipe, calibration=stats, progress=False, workers=workers)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         build_mod.build_layer = original
@@ -95,6 +104,7 @@ def main() -> None:
                     help="comma-separated presets; 'name:key=v;key=v' adds overrides")
     ap.add_argument("--reservoir", type=int, default=256, help="input rows kept per layer and step")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1, help="layers quantized at once (diffq.quantize(workers=))")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -107,13 +117,13 @@ def main() -> None:
     calib = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
     print(f"calibration (1 prompt, reservoir {args.reservoir}): {calib}", flush=True)
     rows = []
-    for spec in args.recipes.split(","):
+    for spec in re.split(r",(?![^(\[]*[)\]])", args.recipes):  # commas inside (...) / [...] belong to a value
         name, _, over = spec.partition(":")
         recipe = diffq.get_preset(name)
         if over:
             recipe = recipe.with_overrides(over.split(";"))
         pipe = copy.deepcopy(base)
-        wall, cpu, kinds = timed_quantize(pipe, recipe, stats)
+        wall, cpu, kinds = timed_quantize(pipe, recipe, stats, args.workers)
         rows.append({"recipe": spec, "quantize_wall_s": round(wall, 1), "quantize_cpu_s": round(cpu, 1),
                      "layers_quantized": sum(k["layers"] for k in kinds.values()), "per_kind": kinds})
         print({k: v for k, v in rows[-1].items() if k != "per_kind"}, flush=True)
@@ -124,6 +134,7 @@ def main() -> None:
         from diffq.io import write_json_atomic
 
         write_json_atomic(args.json, {"model": args.model, "n_params": n_params, "threads": args.threads,
+                                      "workers": args.workers,
                                       "reservoir": args.reservoir, "calibration": calib, "rows": rows})
 
 

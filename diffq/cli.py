@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default=None, help="stats file from `diffq calibrate`")
     p.add_argument("--prompts", default="digits", help="calibration prompts when no --calibration is given")
     p.add_argument("--out", required=True, help="checkpoint folder")
+    p.add_argument("--workers", type=POSITIVE, default=1,
+                   help="layers quantized at once on CPU threads, one torch thread each (same result as 1 "
+                        "worker with one torch thread; more memory); ignored on a GPU")
     p.add_argument("--show-recipe", action="store_true", help="print the resolved recipe and exit")
     _add_common(p)
 
@@ -227,7 +230,7 @@ def cmd_quantize(args) -> int:
         plan = BitPlan.load(args.plan)
     prompts = prompt_list(args.prompts, 16) if recipe.needs_calibration and stats is None else None
     summary = quantize(pipe, recipe, calibration=stats, prompts=prompts, plan=plan, progress=not args.quiet,
-                       calibrate_kwargs={"num_inference_steps": args.steps if args.steps is not None else 20})
+                       workers=args.workers, calibrate_kwargs={"num_inference_steps": args.steps if args.steps is not None else 20})
     save(pipe, args.out)
     _emit(args, summary.table() + f"\nsaved -> {args.out}", summary.to_dict() | {"out": args.out})
     return 0

@@ -34,9 +34,10 @@ def test_misuse_exit_codes(capsys, tmp_path):
 
 def test_quantize_then_inspect(tmp_path, capsys):
     out = tmp_path / "ck"
-    # w4a8 rounds with GPTQ: the CLI calibrates first (with input rows), here on 2 steps to stay quick
+    # w4a8 rounds with GPTQ: the CLI calibrates first (with input rows), here on 2 steps to stay quick;
+    # two layers at a time (--workers)
     assert main(["quantize", "--model", "tiny-sd", "--preset", "w4a8", "--set", "rank=4", "--quiet", "--steps", "2",
-                 "--out", str(out), "--json"]) == 0
+                 "--workers", "2", "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["size_ratio"] > 1
     assert main(["inspect", str(out), "--json"]) == 0

@@ -305,3 +305,19 @@ def test_requantize_in_row_chunks_is_exact(spec, monkeypatch):
     whole = core.requantize(q, y)
     assert chunked.codes.dtype == whole.codes.dtype
     assert torch.equal(chunked.codes.view(torch.uint8), whole.codes.view(torch.uint8))
+
+
+def test_abs_max_equals_abs_then_amax_bit_for_bit():
+    from diffq.formats import abs_max
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, 64, generator=g) * torch.logspace(-8, 8, 64)
+    x[0, 0, 5] = float("nan")
+    x[1, 2] = -0.0  # an all-negative-zero group: +0, as |x| gives
+    x[2, 1, :] = -3.0
+    for dim, keep in ((-1, False), (1, True), ((0, 1), False)):
+        want, got = x.abs().amax(dim, keepdim=keep), abs_max(x, dim, keepdim=keep)
+        assert got.shape == want.shape
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+        assert not torch.signbit(got).any()

@@ -3,6 +3,7 @@
 from diffq.formats.core import (
     SCALE_MIN,
     QTensor,
+    abs_max,
     decode_scale,
     dequantize,
     dequantize_parts,
@@ -26,6 +27,7 @@ __all__ = [
     "SCALE_MIN",
     "QTensor",
     "QuantSpec",
+    "abs_max",
     "decode_scale",
     "dequantize",
     "dequantize_parts",

@@ -55,6 +55,12 @@ def int_range(spec: QuantSpec) -> tuple[int, int]:
     return 0, 2**spec.bits - 1
 
 
+def abs_max(x: torch.Tensor, dim: int | tuple[int, ...] = -1, keepdim: bool = False) -> torch.Tensor:
+    """``x.abs().amax(dim, keepdim)`` bit for bit (NaN propagates), from a max and a min reduction:
+    no full-size ``|x|`` temporary, about 2x faster on CPU for a weight-sized ``x``."""
+    return torch.maximum(x.amax(dim, keepdim=keepdim), x.amin(dim, keepdim=keepdim).neg_()).abs_()
+
+
 def _as_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if x.dim() == 0:
         x = x.reshape(1, 1)
@@ -201,15 +207,16 @@ def _grid_of(xg: torch.Tensor, spec: QuantSpec, amax, clip_ratio) -> tuple:
             a = _fit(torch.as_tensor(amax, dtype=torch.float64, device=xg.device), xg)
             lo, hi = -a, a
         else:
-            lo = xg.double().amin(-1).clamp(max=0)
-            hi = xg.double().amax(-1).clamp(min=0)
+            # the range in float64 (fp32 -> fp64 is exact and monotone: reduce first, convert the [R', G] result)
+            lo = xg.amin(-1).double().clamp(max=0)
+            hi = xg.amax(-1).double().clamp(min=0)
         if clip_ratio is not None:
             cr = _fit(torch.as_tensor(clip_ratio, dtype=torch.float64, device=xg.device), xg)
             lo, hi = lo * cr, hi * cr
     else:
         lo = None
         if amax is None:
-            hi = xg.abs().amax(-1)
+            hi = abs_max(xg)
         else:
             hi = _fit(torch.as_tensor(amax, dtype=torch.float32, device=xg.device), xg).float()
         if clip_ratio is not None:

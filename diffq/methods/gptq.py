@@ -39,7 +39,8 @@ from dataclasses import replace
 
 import torch
 
-from diffq.formats import QTensor, QuantSpec, expand_grid, grid_values, range_grid, requantize
+from diffq.formats import QTensor, QuantSpec, abs_max, expand_grid, grid_values, range_grid, requantize
+from diffq.methods.layout import transposed
 from diffq.methods.threads import one_thread
 
 DAMP = 0.01
@@ -190,22 +191,6 @@ def round_columns(
     return fed if perm is None else fed[torch.argsort(perm)]
 
 
-#: rows per tile of :func:`transposed` (a tile's source rows stay in cache while they are scattered)
-TRANSPOSE_TILE = 64
-
-
-def transposed(x: torch.Tensor) -> torch.Tensor:
-    """``x.t().contiguous()`` for a 2-D tensor, copied in tiles of rows: on CPU about 4x faster for
-    large weights than torch's single strided copy (measured on [3072, 4096] fp32)."""
-    r, c = x.shape
-    if x.device.type != "cpu" or r * c < 1 << 20:
-        return x.t().contiguous()
-    out = torch.empty(c, r, dtype=x.dtype, device=x.device)
-    for i in range(0, r, TRANSPOSE_TILE):
-        out[:, i : i + TRANSPOSE_TILE].copy_(x[i : i + TRANSPOSE_TILE].t())
-    return out
-
-
 def _group_columns(w0b: torch.Tensor, wt: torch.Tensor, m: torch.Tensor, g1: int, g2: int, b1: int) -> torch.Tensor:
     """Columns ``g1:g2`` [g, R] (transposed layout) as GPTQ's usual form has them when their group
     starts: the original columns plus the optimal compensation of the error of every column rounded
@@ -261,7 +246,7 @@ def gptq_quantize(
     def regroup(j: int, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         ratio = None if clip is None else clip(cols, spec, diag[j : j + g])
         lo = cols.amin(1, keepdim=True).clamp(max=0) if not spec.symmetric and spec.is_int else None
-        hi = cols.amax(1, keepdim=True).clamp(min=0) if lo is not None else cols.abs().amax(1, keepdim=True)
+        hi = cols.amax(1, keepdim=True).clamp(min=0) if lo is not None else abs_max(cols, 1, keepdim=True)
         if ratio is not None:
             hi, lo = hi * ratio, None if lo is None else lo * ratio
         sc, st, z, _ = range_grid(spec, hi, lo, grid.global_scale)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffq.methods.lowrank import top_subspace, warm_start
+from diffq.methods.lowrank import randomized_subspace, top_subspace, transpose_for_products, warm_start
 from diffq.methods.smoothing import smooth_factors, weight_absmax
 
 ALPHA_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -95,6 +95,7 @@ def search_alpha(
     direct = x.shape[1] == w.shape[1]
     w_out = w if rows is None else w[rows]  # the scored output channels [outputs, K], gathered once
     dense = x @ w_out.t() if direct else None  # [n, outputs]
+    w_t = transpose_for_products(w) if rank > 0 and randomized_subspace(w, rank) else None  # one copy for every candidate
     for alpha in grid:
         s = smooth_factors(profile, w, alpha, cin, weight_max=w_max)
         col = s.repeat(w.shape[1] // cin)  # W·s = W · diag(col) (rows channel-fastest), never materialised
@@ -102,7 +103,7 @@ def search_alpha(
         us = None
         if rank > 0:
             u, sv, vh = top_subspace(w, rank, start=warm_start(start, w, rank), iters=1 if start is not None else 4,
-                                     col_scale=col)
+                                     col_scale=col, w_t=w_t)
             start = vh.t() * sv.sqrt()
             us = (u if rows is None else u[rows]) * sv
             r = sub - us @ vh

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from diffq.formats import abs_max
+
 PROFILES = ("max", "balanced")
 
 
@@ -47,7 +49,7 @@ def smooth_factors(act_absmax: torch.Tensor, weight_rows: torch.Tensor, alpha: f
 
 def weight_absmax(weight_rows: torch.Tensor, in_channels: int) -> torch.Tensor:
     """max |W| per input channel [Cin] of rows [N, kh·kw·Cin] (channel-fastest)."""
-    return weight_rows.float().abs().reshape(weight_rows.shape[0], -1, in_channels).amax(dim=(0, 1))
+    return abs_max(weight_rows.float().reshape(weight_rows.shape[0], -1, in_channels), dim=(0, 1))
 
 
 def apply_smoothing(weight_rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from diffq.formats import QuantSpec, grid_values, range_grid
+from diffq.formats import QuantSpec, abs_max, grid_values, range_grid
 from diffq.methods.threads import one_thread
 
 CLIP_METHODS = ("minmax", "mse", "percentile")
@@ -52,7 +52,7 @@ def mse_clip_ratio(
     if spec.is_int and not spec.symmetric:
         lo, hi = xg.amin(-1).clamp(max=0), xg.amax(-1).clamp(min=0)
     else:
-        lo, hi = None, xg.abs().amax(-1)
+        lo, hi = None, abs_max(xg)
     # NVFP4: one global scale for every candidate (that of the unclipped tensor)
     gscale = range_grid(spec, hi, lo)[3]
     out = torch.empty(xg.shape[:2], dtype=torch.float32, device=w.device)

@@ -34,6 +34,7 @@ from diffq.quantization.recipe import Recipe
 from diffq.quantization.selection import LayerChoice, choose_layers
 from diffq.quantization.state import QuantState, attach_state, quant_state
 from diffq.quantization.summary import LayerSummary, QuantSummary
+from diffq.quantization.workers import check_workers
 from diffq.sizes import module_bytes
 
 
@@ -144,6 +145,7 @@ def quantize(
     work_dir=None,
     dense_source=None,
     shard: tuple[int, int] | None = None,
+    workers: int = 1,
 ) -> QuantSummary:
     """Quantize ``pipe``'s denoiser in place and return what was done.
 
@@ -157,7 +159,11 @@ def quantize(
         file, for a denoiser built on meta: each block's weights are read just before it is quantized.
         shard: (rank, world size) of several processes sharing ``work_dir`` (default: from
         ``accelerate launch`` / ``torchrun``'s RANK / WORLD_SIZE when ``work_dir`` is set).
+    workers: layers quantized at once on CPU threads, one intra-op thread each
+        (:mod:`diffq.quantization.workers`): the same result as ``workers=1`` with
+        ``torch.set_num_threads(1)``, up to ``workers`` layers' working memory at once; ignored on a GPU.
     """
+    check_workers(workers)
     recipe = resolve_recipe(recipe)
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
@@ -203,13 +209,14 @@ def quantize(
     bar = tqdm(total=len(choices), desc="quantize", disable=not progress_enabled(progress), leave=False)
     try:
         if work_dir is None and source is None:
-            built = install_layers(denoiser, choices, calibration, splits, state.tracker, progress=bar.update)
+            built = install_layers(denoiser, choices, calibration, splits, state.tracker, progress=bar.update,
+                                   workers=workers)
         else:
             from diffq.quantization.streaming import install_blocks, launcher_shard, run_key
 
             built = install_blocks(denoiser, choices, calibration, splits, state.tracker, work_dir=work_dir,
                                    key=run_key(recipe, base_fp, calibration), dense_source=source,
-                                   progress=bar.update, shard=shard or launcher_shard())
+                                   progress=bar.update, shard=shard or launcher_shard(), workers=workers)
     finally:
         bar.close()
     if recipe.text_encoder:

@@ -37,6 +37,7 @@ from diffq.quantization.layer_inputs import SEARCH_ROWS, input_floor, layer_samp
 from diffq.quantization.projection_groups import projection_groups
 from diffq.quantization.recipe import Recipe
 from diffq.quantization.selection import LayerChoice, fit_group
+from diffq.quantization.workers import effective_workers, ordered_map
 
 
 def _weight_rows(mod: nn.Module) -> torch.Tensor:
@@ -264,25 +265,36 @@ def install_layers(
     splits: dict[str, tuple[int, int]],
     tracker: TimestepTracker | None,
     progress=None,
+    workers: int = 1,
 ) -> dict[str, QuantLinear | QuantConv2d]:
     """Build every non-skipped choice, give its activation quantizer ``tracker``, swap it into
     ``root`` (the dense module is replaced, not modified); returns name -> new module.
 
-    progress: an optional callback called once per choice (a progress bar's ``update``)."""
+    progress: an optional callback called once per choice (a progress bar's ``update``).
+    workers: layers built at once on CPU threads (:mod:`diffq.quantization.workers`; same result as
+    one at a time on one intra-op thread). The smoothings shared by several layers are found first."""
     floors = input_floors(root)
     shared: dict[str, list[LayerChoice]] = {}
     for members in shared_input_sets(root, choices) if stats is not None else ():
         shared.update({m.name: members for m in members})
-    found: dict[int, Smoothing | None] = {}
+    sets = list({id(members): members for members in shared.values()}.values())
+    devices = [ch.module.weight.device for ch in choices if ch.skip is None]
+    n = effective_workers(workers, devices[0] if devices else "cpu")
+    found: dict[int, Smoothing | None] = {
+        id(members): smoothing for members, smoothing in zip(sets, ordered_map(
+            lambda members: shared_smoothing(members, stats, input_floor(members[0].name, floors, stats)), sets, n))
+    }
+
+    def build(ch: LayerChoice) -> QuantLinear | QuantConv2d | None:
+        if ch.skip is not None:
+            return None
+        members = shared.get(ch.name)
+        return build_layer(ch, stats, splits.get(ch.name), input_floor(ch.name, floors, stats),
+                           smoothing=None if members is None else found[id(members)])
+
     built = {}
-    for ch in choices:
-        if ch.skip is None:
-            floor = input_floor(ch.name, floors, stats)
-            members = shared.get(ch.name)
-            if members is not None and id(members) not in found:
-                found[id(members)] = shared_smoothing(members, stats, floor)
-            smoothing = None if members is None else found[id(members)]
-            new = build_layer(ch, stats, splits.get(ch.name), floor, smoothing=smoothing)
+    for ch, new in zip(choices, ordered_map(build, choices, n)):
+        if new is not None:
             if new.act is not None:
                 new.act.tracker = tracker
             set_submodule(root, ch.name, new)

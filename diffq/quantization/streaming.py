@@ -233,10 +233,12 @@ def install_blocks(
     dense_source: DenseSource | None = None,
     progress: Callable[[], None] | None = None,
     shard: tuple[int, int] | None = None,
+    workers: int = 1,
 ) -> dict[str, nn.Module]:
     """:func:`~diffq.quantization.build.install_layers` one block at a time, each finished block saved to
     ``work_dir`` and restored from there on a rerun; with ``shard=(rank, world)`` this process builds
-    every ``world``-th block and waits for the others' files (see the module docstring)."""
+    every ``world``-th block and waits for the others' files (see the module docstring); ``workers``: the
+    layers of a block built at once (:mod:`diffq.quantization.workers`)."""
     rank, world = shard or (0, 1)
     timeout = float(os.environ.get("DIFFQ_SHARD_TIMEOUT", SHARD_TIMEOUT))
     work_dir = Path(work_dir)
@@ -271,7 +273,8 @@ def install_blocks(
                 from_file = [c.name for c in chs if any(t.is_meta for t in c.module.parameters())]
                 dense_source.materialise(root, block)
             t0, c0 = time.perf_counter(), time.process_time()
-            new = install_layers(root, chs, stats, splits, tracker, progress=trim_heap)  # trimmed after each layer
+            new = install_layers(root, chs, stats, splits, tracker, progress=trim_heap,  # trimmed after each layer
+                                 workers=workers)
             secs = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "rank": rank}
             _write_block(path, block, new, secs)
             built.update(new)
