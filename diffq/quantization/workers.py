@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
 
 from diffq.errors import QuantizationError
+from diffq.methods.threads import one_thread
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -41,34 +41,19 @@ def effective_workers(workers: int, device: torch.device | str) -> int:
     return check_workers(workers) if torch.device(device).type == "cpu" else 1
 
 
-@contextmanager
-def one_intraop_thread(active: bool) -> Iterator[None]:
-    """With ``active``: torch's intra-op threads set to 1 for the block (each worker thread then runs
-    its ops on itself), restored afterwards."""
-    before = torch.get_num_threads()
-    if not active or before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
     """``fn`` over ``items``, results yielded in the items' order.
 
     workers = 1: lazily, one item after another on the calling thread (nothing is computed ahead).
     workers > 1: on that many threads with one intra-op thread each (the caller's setting is restored
-    when the iteration ends); the first exception is raised in the caller and the items not started
-    yet are cancelled."""
+    when the iteration ends); a failing item's exception is raised in the caller when its turn comes
+    (in the items' order), the items not started yet are cancelled and the running ones finish first."""
     items = list(items)
     if workers <= 1 or len(items) <= 1:
         for item in items:
             yield fn(item)
         return
-    with one_intraop_thread(True):
+    with one_thread("cpu"):  # each worker runs its ops on itself
         pool = ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="diffq-quantize")
         try:
             futures = [pool.submit(fn, item) for item in items]
