@@ -291,6 +291,26 @@ def test_coarse_to_fine_mse_clip_is_within_half_a_percent_of_exhaustive_search(s
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("int4", "group", 64, "fp16"), QuantSpec("uint4", "group", 64, "fp16"),
+                                  NVFP4])
+def test_mse_clip_ratio_does_not_depend_on_the_chunk_size(spec, monkeypatch):
+    """The clip search's row chunks (CHUNK_ELEMENTS, a speed setting) change nothing: the same ratios
+    with one row per chunk, a few rows, and the whole tensor at once; with and without importance."""
+    import diffq.methods.weight_clipping as wc
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 256, generator=g) * torch.rand(96, 1, generator=g)
+    w[5, 7] = 30.0
+    imp = torch.rand(256, generator=g)
+    out = []
+    for elements in (1, 5 * 4 * 64 * 7, 1 << 30):
+        monkeypatch.setattr(wc, "CHUNK_ELEMENTS", elements)
+        out.append((wc.mse_clip_ratio(w, spec), wc.mse_clip_ratio(w, spec, importance=imp)))
+    for plain, weighted in out[1:]:
+        assert torch.equal(plain, out[0][0]) and torch.equal(weighted, out[0][1])
+    assert not torch.equal(out[0][0], out[0][1])  # the importance does change the choice here
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int4", "group", 64, "fp16"), QuantSpec("uint4", "group", 64, "fp16"),
                                   QuantSpec("fp8_e4m3", "channel"), NVFP4])
 def test_requantize_in_row_chunks_is_exact(spec, monkeypatch):
     """requantize encodes large tensors in row chunks (bounded temporaries): the same codes as one pass."""
