@@ -278,8 +278,7 @@ def install_layers(
     for members in shared_input_sets(root, choices) if stats is not None else ():
         shared.update({m.name: members for m in members})
     sets = list({id(members): members for members in shared.values()}.values())
-    devices = [ch.module.weight.device for ch in choices if ch.skip is None]
-    n = effective_workers(workers, devices[0] if devices else "cpu")
+    n = effective_workers(workers, next((ch.module.weight.device for ch in choices if ch.skip is None), "cpu"))
     found: dict[int, Smoothing | None] = {
         id(members): smoothing for members, smoothing in zip(sets, ordered_map(
             lambda members: shared_smoothing(members, stats, input_floor(members[0].name, floors, stats)), sets, n))
