@@ -291,6 +291,29 @@ def test_coarse_to_fine_mse_clip_is_within_half_a_percent_of_exhaustive_search(s
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("int4", "group", 64, "fp16"), QuantSpec("uint4", "group", 64, "fp16"),
+                                  QuantSpec("int4", "channel")])
+def test_coarse_mse_clip_is_the_exhaustive_best_of_the_coarse_ratios(spec):
+    """``mse-coarse`` (refine=False) picks, per group, the lowest-error ratio of 1.0, 0.9 .. 0.5 (the
+    first of equal errors); the full search is never worse than it and better somewhere here."""
+    from diffq.methods.weight_clipping import MSE_GRID, _per_group, clip_ratio_for, mse_clip_ratio
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 256, generator=g) * torch.rand(64, 1, generator=g)
+    w[2, 9] = 25.0
+    per_group = lambda r: _per_group((dequantize(quantize(w, spec, clip_ratio=r)) - w).pow(2), spec)
+    coarse = MSE_GRID[::4]
+    assert coarse == pytest.approx((1.0, 0.9, 0.8, 0.7, 0.6, 0.5))
+    errs = torch.stack([per_group(r) for r in coarse])  # [6, R, G]
+    want = torch.tensor(coarse)[errs.argmin(0)]
+    got = clip_ratio_for(w, spec, "mse-coarse")
+    assert torch.equal(got, mse_clip_ratio(w, spec, refine=False))
+    assert torch.allclose(got.expand_as(want), want)
+    full = per_group(mse_clip_ratio(w, spec))
+    assert bool((full <= per_group(got) * (1 + 1e-6)).all())
+    assert float(full.sum()) < float(per_group(got).sum())
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int4", "group", 64, "fp16"), QuantSpec("uint4", "group", 64, "fp16"),
                                   NVFP4])
 def test_mse_clip_ratio_does_not_depend_on_the_chunk_size(spec, monkeypatch):
     """The clip search's row chunks (CHUNK_ELEMENTS, a speed setting) change nothing: the same ratios

@@ -386,6 +386,87 @@ def test_alpha_search_scores_are_the_explicit_output_errors():
         assert abs(got - want) <= 1e-4 * want, (alpha, got, want)
 
 
+def test_alpha_search_keeps_the_chosen_candidates_subspace_for_the_split():
+    """keep_subspace returns the subspace the chosen α was scored with; on a small layer (full SVD)
+    the split from it is the split of the smoothed weight bit for bit, and a wrong-shaped one is
+    refused with a ShapeError."""
+    from diffq.errors import ShapeError
+    from diffq.methods.lowrank import lowrank_split
+
+    lin = _layer()
+    w = lin.weight.detach().float()
+    x = torch.cat(_inputs(seed=1))
+    rw = torch.ones(x.shape[0])
+    profile = x.abs().amax(0)
+    wv = lambda r, s: dequantize(quantize(r, W4))
+    av = lambda xs, s: dequantize(quantize(xs, A4))
+    found = search_alpha(w, profile, x, rw, rank=8, weight_values=wv, act_values=av, keep_subspace=True)
+    assert found.subspace is not None and found.alpha in found.errors
+    assert search_alpha(w, profile, x, rw, rank=8, weight_values=wv, act_values=av).subspace is None
+    ws = apply_smoothing(w, smooth_factors(profile, w, found.alpha, K))
+    for got, want in zip(lowrank_split(ws, 8, subspace=found.subspace), lowrank_split(ws, 8)):
+        assert torch.equal(got, want)
+    with pytest.raises(ShapeError, match="subspace"):
+        lowrank_split(ws, 4, subspace=found.subspace)
+
+
+def test_a_searched_layer_splits_with_the_searchs_subspace(setting, monkeypatch):
+    """build_layer hands the α search's subspace of the chosen smoothing to the low-rank split (no
+    second SVD); on a small layer (full SVDs) the layer equals the one split from scratch."""
+    import diffq.quantization.build as build_mod
+
+    lin, stats, x = setting
+    recipe = _recipe(smooth_alpha=0.5, smooth_search=True, rank=8, rounding="gptq")
+    choice = lambda: LayerChoice("layer", "other", lin, weight=recipe.weight, act=recipe.act, rank=8,
+                                 smooth_alpha=0.5, recipe=recipe)
+    seen = []
+    real = build_mod.lowrank_split
+
+    def spy(w, rank, subspace=None):
+        seen.append(subspace)
+        return real(w, rank, subspace=subspace)
+
+    monkeypatch.setattr(build_mod, "lowrank_split", spy)
+    reused = build_layer(choice(), stats)
+    monkeypatch.setattr(build_mod, "lowrank_split", lambda w, rank, subspace=None: real(w, rank))
+    fresh = build_layer(choice(), stats)
+    assert len(seen) == 1 and seen[0] is not None and seen[0][1].numel() == 8
+    a, b = reused.state_dict(), fresh.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if a[k].device.type != "meta")
+    assert reused.lr_down is not None and torch.equal(reused.lr_down, fresh.lr_down)
+    with torch.no_grad():
+        assert torch.equal(reused(x), fresh(x))
+
+
+def test_one_power_iteration_per_warm_candidate_is_converged():
+    """Why ``smooth_power_iters`` is 1: on a layer wider than 512 (randomized range finder) with a
+    top-16 structure and one outlier input channel, one iteration per warm-started candidate scores
+    every candidate within 0.1% of three iterations, and none (the subspace of the previous
+    candidate's smoothing, projected once) scores some candidate over 0.5% worse."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(600, 16, generator=g) @ torch.randn(16, 640, generator=g) + 0.05 * torch.randn(600, 640, generator=g)
+    x = torch.randn(256, 640, generator=g)
+    x[:, 3] *= 20
+    rw = torch.ones(256)
+    wv = lambda r, s: dequantize(quantize(r, W4))
+    av = lambda xs, s: dequantize(quantize(xs, A4))
+    runs = {i: search_alpha(w, x.abs().amax(0), x, rw, rank=16, weight_values=wv, act_values=av, power_iters=i,
+                            grid=(0.3, 0.5, 0.7), outputs=128).errors for i in (0, 1, 3)}
+    for a, e in runs[3].items():
+        assert abs(runs[1][a] - e) <= 1e-3 * e, (a, runs[1][a], e)
+    assert max(runs[0][a] / e for a, e in runs[3].items()) > 1.005
+
+
+def test_search_cost_settings_are_validated():
+    from diffq.errors import RecipeError
+
+    for bad in ({"smooth_outputs": 0}, {"smooth_power_iters": -1}, {"smooth_power_iters": 9},
+                {"smooth_clip": "coarse"}, {"act_clip": "mse-coarse"}, {"weight_clip": "fast"}):
+        with pytest.raises(RecipeError):
+            _recipe(**bad)
+    assert _recipe(smooth_clip="mse-coarse", weight_clip="mse-coarse").smooth_clip == "mse-coarse"
+
+
 def test_range_finder_with_column_scale_is_that_of_the_scaled_weight():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(600, 40, generator=g) @ torch.randn(40, 700, generator=g) + 0.01 * torch.randn(600, 700, generator=g)

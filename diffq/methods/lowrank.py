@@ -93,18 +93,26 @@ def _orth(a: torch.Tensor) -> torch.Tensor:
 
 
 def lowrank_split(
-    weight_rows: torch.Tensor, rank: int, start: torch.Tensor | None = None, iters: int = POWER_ITERS
+    weight_rows: torch.Tensor, rank: int, start: torch.Tensor | None = None, iters: int = POWER_ITERS,
+    subspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight_rows [N, K] -> (L1 [K, r], L2 [r, N], R [N, K]) fp32 with ``W = (L1 · L2)ᵀ + R``.
 
-    R is exact up to fp32 rounding whatever the subspace; ``start``/``iters`` as in :func:`top_subspace`."""
+    R is exact up to fp32 rounding whatever the subspace; ``start``/``iters`` as in :func:`top_subspace`;
+    ``subspace``: (U [N, r], S [r], Vh [r, K]) of ``weight_rows`` found before (e.g. by the smoothing
+    search, :class:`diffq.methods.smooth_search.AlphaSearch`), used instead of a new one."""
     if not 0 < rank <= min(weight_rows.shape):
         raise ShapeError(
             f"low-rank split of a {tuple(weight_rows.shape)} weight needs 0 < rank <= {min(weight_rows.shape)}, "
             f"got {rank}; recipes cap the rank per layer with effective_rank()"
         )
     w = weight_rows.float()
-    u, s, vh = top_subspace(w, rank, start, iters)
+    if subspace is not None and (subspace[0].shape != (w.shape[0], rank) or subspace[2].shape != (rank, w.shape[1])):
+        raise ShapeError(
+            f"low-rank split of a {tuple(w.shape)} weight at rank {rank} got a subspace of U {tuple(subspace[0].shape)}, "
+            f"Vh {tuple(subspace[2].shape)}; it needs U [{w.shape[0]}, {rank}] and Vh [{rank}, {w.shape[1]}]"
+        )
+    u, s, vh = top_subspace(w, rank, start, iters) if subspace is None else subspace
     root = s.sqrt()
     l1 = vh.t() * root  # [K, r]
     l2 = root[:, None] * u.t()  # [r, N]

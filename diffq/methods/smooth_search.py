@@ -17,18 +17,31 @@ from dataclasses import dataclass
 
 import torch
 
-from diffq.methods.lowrank import randomized_subspace, top_subspace, transpose_for_products, warm_start
+from diffq.methods.lowrank import (
+    POWER_ITERS,
+    randomized_subspace,
+    top_subspace,
+    transpose_for_products,
+    warm_start,
+)
 from diffq.methods.smoothing import smooth_factors, weight_absmax
 
 ALPHA_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
+#: (U [N, r], S [r], Vh [r, K]) of a smoothed weight's top-r subspace
+Subspace = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class AlphaSearch:
-    """Result of a search: the chosen α and the weighted output error of every candidate."""
+    """Result of a search: the chosen α, the weighted output error of every candidate and, when asked
+    for (``keep_subspace``), the top-``rank`` subspace of the weight smoothed with the chosen α (the
+    one its candidate was scored with: the layer's low-rank split can take it instead of a new one)."""
 
     alpha: float
     errors: dict[float, float]
+    subspace: Subspace | None = None
 
 
 def output_error(x_s: torch.Tensor, xq: torch.Tensor, r: torch.Tensor, rq: torch.Tensor,
@@ -48,7 +61,11 @@ def tap_rows(w: torch.Tensor, cin: int) -> torch.Tensor:
 
 
 #: output channels that score a candidate (a fixed seeded subset; the error is a sum over them)
-SEARCH_OUTPUTS = 1024
+SEARCH_OUTPUTS = 512
+#: power iterations of the range finder for each candidate after the first, which starts from the
+#: previous candidate's subspace (a nearby smoothing of the same weight); the first takes
+#: :data:`diffq.methods.lowrank.POWER_ITERS` from a random start
+WARM_POWER_ITERS = 1
 
 
 @torch.no_grad()
@@ -63,6 +80,8 @@ def search_alpha(
     act_values: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     grid: tuple[float, ...] = ALPHA_GRID,
     outputs: int = SEARCH_OUTPUTS,
+    power_iters: int = WARM_POWER_ITERS,
+    keep_subspace: bool = False,
 ) -> AlphaSearch:
     """Best smoothing strength of one layer.
 
@@ -76,8 +95,10 @@ def search_alpha(
     e.g. for shifted unsigned inputs).
 
     Cost per candidate: the top-``rank`` subspace of the whole smoothed weight (a randomized range
-    finder warm-started from the previous candidate's), then the quantization and the error on at
-    most ``outputs`` output channels (a fixed seeded subset; the error is a sum over channels).
+    finder warm-started from the previous candidate's, with ``power_iters`` power iterations; large
+    weights only, small ones take a full SVD), then the quantization and the error on at most
+    ``outputs`` output channels (a fixed seeded subset; the error is a sum over channels).
+    keep_subspace: also return the chosen candidate's subspace (:class:`AlphaSearch`).
     """
     cin = profile.numel()
     taps = x.shape[1] // cin  # 1: per-pixel rows (conv taps folded into rows); kh·kw: im2col patches
@@ -96,15 +117,18 @@ def search_alpha(
     w_out = w if rows is None else w[rows]  # the scored output channels [outputs, K], gathered once
     dense = x @ w_out.t() if direct else None  # [n, outputs]
     w_t = transpose_for_products(w) if rank > 0 and randomized_subspace(w, rank) else None  # one copy for every candidate
+    subspaces: dict[float, Subspace] = {}
     for alpha in grid:
         s = smooth_factors(profile, w, alpha, cin, weight_max=w_max)
         col = s.repeat(w.shape[1] // cin)  # W·s = W · diag(col) (rows channel-fastest), never materialised
         sub = w_out * col
         us = None
         if rank > 0:
-            u, sv, vh = top_subspace(w, rank, start=warm_start(start, w, rank), iters=1 if start is not None else 4,
-                                     col_scale=col, w_t=w_t)
+            u, sv, vh = top_subspace(w, rank, start=warm_start(start, w, rank),
+                                     iters=power_iters if start is not None else POWER_ITERS, col_scale=col, w_t=w_t)
             start = vh.t() * sv.sqrt()
+            if keep_subspace:
+                subspaces[alpha] = (u, sv, vh)
             us = (u if rows is None else u[rows]) * sv
             r = sub - us @ vh
         else:
@@ -117,7 +141,8 @@ def search_alpha(
             errors[alpha] = weighted_square_sum(exact - xq @ rq.t(), row_weight)
         else:
             errors[alpha] = output_error(x_s, xq, tap_rows(r, x.shape[1]), tap_rows(rq, x.shape[1]), row_weight)
-    return AlphaSearch(pick_alpha(errors), errors)
+    alpha = pick_alpha(errors)
+    return AlphaSearch(alpha, errors, subspaces.get(alpha))
 
 
 def pick_alpha(errors: dict[float, float]) -> float:

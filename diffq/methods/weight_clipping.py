@@ -12,6 +12,9 @@ from diffq.formats import QuantSpec, abs_max, grid_values, range_grid
 from diffq.methods.threads import one_thread
 
 CLIP_METHODS = ("minmax", "mse", "percentile")
+#: weight clipping also has ``mse-coarse``: the coarse pass of the MSE search only (6 ratios, 1.0 .. 0.5
+#: in steps of 0.1, instead of 10 evaluations down to steps of 0.025): 40% less work per group
+WEIGHT_CLIP_METHODS = (*CLIP_METHODS, "mse-coarse")
 MSE_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5
 
 
@@ -26,17 +29,19 @@ GPU_CHUNK_ELEMENTS = 1 << 26
 
 
 def mse_clip_ratio(
-    w: torch.Tensor, spec: QuantSpec, grid: tuple[float, ...] = MSE_GRID, importance: torch.Tensor | None = None
+    w: torch.Tensor, spec: QuantSpec, grid: tuple[float, ...] = MSE_GRID, importance: torch.Tensor | None = None,
+    refine: bool = True,
 ) -> torch.Tensor:
     """Per-scale-group clip ratio in ``grid`` minimising the group's squared error.
 
     Coarse to fine: every 4th grid point first, then the grid points within two steps of each
     group's best coarse ratio (10 candidates instead of 21 for the default grid). The error curve of
     a group is close to unimodal in the ratio, so this lands on the exhaustive optimum or next to it
-    (tests/test_formats.py compares both). Each pass evaluates all its candidates at once on a chunk
-    of rows (one candidate-stacked tensor of at most ``CHUNK_ELEMENTS``), so the work is a few large
-    tensor ops per chunk, on ``w``'s device, with the exact scale rule of
-    :func:`diffq.formats.range_grid` (fp16 / E4M3 scale rounding included).
+    (tests/test_formats.py compares both); ``refine=False`` stops after the coarse pass (clip method
+    ``mse-coarse``: 6 candidates). Each pass evaluates all its candidates at once on a chunk of rows
+    (one candidate-stacked tensor of at most ``CHUNK_ELEMENTS``), so the work is a few large tensor
+    ops per chunk, on ``w``'s device, with the exact scale rule of :func:`diffq.formats.range_grid`
+    (fp16 / E4M3 scale rounding included).
 
     w: [R, C] float; importance: optional per-column weights [C] of the squared error (e.g. the
     diagonal of the input Hessian: output error instead of weight error). Returns ratios
@@ -69,6 +74,9 @@ def mse_clip_ratio(
             lo_c = None if lo is None else lo[sl]
             cand = coarse.expand(*x.shape[:2], len(coarse))
             err, ratio = _best(x, spec, hi[sl], lo_c, cand, gscale, imp)
+            if not refine:
+                out[sl] = ratio
+                continue
             fine = torch.stack([(ratio + k * step).clamp(lo_g, hi_g) for k in (-2, -1, 1, 2)], dim=-1)
             err_f, ratio_f = _best(x, spec, hi[sl], lo_c, fine, gscale, imp)
             out[sl] = torch.where(err_f < err, ratio_f, ratio)
@@ -124,8 +132,8 @@ def clip_ratio_for(
     """Dispatch on the recipe's clip method; ``None`` means min-max (no clipping)."""
     if method == "minmax":
         return None
-    if method == "mse":
-        return mse_clip_ratio(w, spec, importance=importance)
+    if method in ("mse", "mse-coarse"):
+        return mse_clip_ratio(w, spec, importance=importance, refine=method == "mse")
     if method == "percentile":
         return percentile_clip_ratio(w, spec, percentile)
-    raise ValueError(f"unknown clip method {method!r}; use one of {CLIP_METHODS}")
+    raise ValueError(f"unknown clip method {method!r}; use one of {WEIGHT_CLIP_METHODS}")

@@ -20,7 +20,7 @@ from diffq.formats import QTensor, QuantSpec, int_range, quantize, rtn_values
 from diffq.formats.floating import FP_MAX
 from diffq.methods.gptq import dynamic_groups, gptq_quantize
 from diffq.methods.lowrank import effective_rank, lowrank_split, refit_lowrank
-from diffq.methods.smooth_search import search_alpha, tap_rows
+from diffq.methods.smooth_search import Subspace, search_alpha, tap_rows
 from diffq.methods.smoothing import apply_smoothing, channel_profile, smooth_factors
 from diffq.methods.weight_clipping import clip_ratio_for
 from diffq.modules import (
@@ -87,13 +87,15 @@ def build_act_quantizer(
     return ActQuantizer(spec, splits=use_splits, center=center)
 
 
-def _rtn_values(r: torch.Tensor, spec: QuantSpec, recipe: Recipe) -> torch.Tensor:
-    """deq(_rtn(r)) without the codes (bit-identical: diffq.formats.rtn_values)."""
-    return rtn_values(r, spec, clip_ratio=clip_ratio_for(r, spec, recipe.weight_clip, recipe.percentile))
+def _rtn_values(r: torch.Tensor, spec: QuantSpec, recipe: Recipe, clip: str | None = None) -> torch.Tensor:
+    """deq(_rtn(r)) without the codes (bit-identical: diffq.formats.rtn_values); ``clip``: a clip method
+    instead of the recipe's ``weight_clip``."""
+    return rtn_values(r, spec, clip_ratio=clip_ratio_for(r, spec, clip or recipe.weight_clip, recipe.percentile))
 
 
-#: (α, smoothing factors s [Cin] fp32, the α search's error per candidate or None)
-Smoothing = tuple[float, torch.Tensor, dict[float, float] | None]
+#: (α, smoothing factors s [Cin] fp32, the α search's error per candidate or None, the top-rank
+#: subspace (U, S, Vh) of the weight smoothed with α when the search found it for this layer alone)
+Smoothing = tuple[float, torch.Tensor, dict[float, float] | None, Subspace | None]
 
 
 def layer_smoothing(
@@ -103,11 +105,13 @@ def layer_smoothing(
     rank: int,
     splits: tuple[int, int] | None,
     floor: float | None,
+    keep_subspace: bool = False,
 ) -> Smoothing | None:
     """The smoothing of a layer with weight rows ``w`` [N, kh·kw·Cin] fp32 (None: not smoothed): the
     recipe's fixed α, or the α of the search on the layer's calibration rows (its branch of ``rank``
     and both quantizers in the loop). For projections that read one input (q/k/v), ``w`` is their
-    stacked rows and ``rank`` the sum of their ranks (:func:`shared_smoothing`)."""
+    stacked rows and ``rank`` the sum of their ranks (:func:`shared_smoothing`). keep_subspace: return
+    the search's subspace of ``w`` smoothed with the chosen α (for this layer's own low-rank split)."""
     recipe, name, mod = choice.recipe, choice.name, choice.module
     st = None if stats is None else stats.layers.get(name)
     if choice.smooth_alpha is None or st is None:
@@ -125,10 +129,12 @@ def layer_smoothing(
             act = build_act_quantizer(choice, recipe, stats, splits, floor=floor, smooth=s)
             return x_s if act is None else act(x_s)
 
-        found = search_alpha(w, profile, x, rw, rank=rank, weight_values=lambda r, s: _rtn_values(r, choice.weight, recipe),
-                             act_values=act_values, grid=recipe.smooth_grid)
-        alpha, errors = found.alpha, found.errors
-    return alpha, smooth_factors(profile, w, alpha, cin), errors
+        found = search_alpha(w, profile, x, rw, rank=rank,
+                             weight_values=lambda r, s: _rtn_values(r, choice.weight, recipe, recipe.smooth_clip),
+                             act_values=act_values, grid=recipe.smooth_grid, outputs=recipe.smooth_outputs,
+                             power_iters=recipe.smooth_power_iters, keep_subspace=keep_subspace and rank > 0)
+        return found.alpha, smooth_factors(profile, w, found.alpha, cin), found.errors, found.subspace
+    return alpha, smooth_factors(profile, w, alpha, cin), errors, None
 
 
 def shared_input_sets(root: nn.Module, choices: list[LayerChoice]) -> list[list[LayerChoice]]:
@@ -199,10 +205,10 @@ def build_layer(
         return _rtn_values(r, choice.weight, recipe)
 
     if smoothing is None:
-        smoothing = layer_smoothing(choice, stats, w, rank, splits, floor)
-    smooth = None
+        smoothing = layer_smoothing(choice, stats, w, rank, splits, floor, keep_subspace=not recipe.lowrank_refit)
+    smooth = subspace = None
     if smoothing is not None:
-        alpha, smooth, errors = smoothing
+        alpha, smooth, errors, subspace = smoothing
         smooth = smooth.clone()  # a shared smoothing: each layer owns its buffer (safetensors refuses aliases)
         choice.decisions["alpha"] = alpha
         if errors is not None:
@@ -220,8 +226,8 @@ def build_layer(
             return float(((x_s @ tap_rows(err, x_s.shape[1]).t()).square().sum(1) * rw).sum())
 
         lr_down, lr_up, w = refit_lowrank(w, rank, wq_values, objective, recipe.lowrank_refit)
-    elif rank > 0:
-        lr_down, lr_up, w = lowrank_split(w, rank)
+    elif rank > 0:  # with the subspace the α search found for this smoothing, if it did
+        lr_down, lr_up, w = lowrank_split(w, rank, subspace=subspace)
     gptq = recipe.rounding == "gptq"
     # GPTQ with dynamic groups picks each group's clipping itself: a min-max grid is enough to start
     q = quantize(w, choice.weight) if gptq and dynamic_groups(choice.weight, recipe.gptq_act_order) \

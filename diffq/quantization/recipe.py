@@ -19,7 +19,8 @@ from typing import Any
 from diffq.attention.spec import ATTN_CHOICES, ATTN_GRANULARITIES, ATTN_ROLES, attn_format
 from diffq.errors import FormatError, RecipeError
 from diffq.formats import QuantSpec
-from diffq.methods.weight_clipping import CLIP_METHODS
+from diffq.methods.smooth_search import SEARCH_OUTPUTS, WARM_POWER_ITERS
+from diffq.methods.weight_clipping import CLIP_METHODS, WEIGHT_CLIP_METHODS
 from diffq.pipelines.roles import ROLES
 
 DEFAULT_SKIP_ROLES = ("embed", "adanorm", "io")
@@ -50,11 +51,19 @@ class Recipe:
         scales; ``timestep_groups`` fixes the number of groups (1 = one static range), ``None``
         chooses them from the statistics, merging adjacent steps while the range changes less
         than ``group_threshold`` (relative).
-    weight_clip / act_clip: ``minmax``, ``mse`` or ``percentile`` (with ``percentile``).
+    weight_clip / act_clip: ``minmax``, ``mse`` or ``percentile`` (with ``percentile``); weight clipping
+        also takes ``mse-coarse`` (the coarse pass of the MSE search only: ratios 1.0 .. 0.5 in steps
+        of 0.1; :func:`diffq.methods.weight_clipping.mse_clip_ratio`).
     smooth_alpha: SmoothQuant migration strength (None = no smoothing; needs calibration).
     smooth_search: choose the strength per layer instead: the α of ``smooth_grid`` whose quantized
         layer (branch and both quantizers included) has the lowest output error on the calibration
-        rows (:mod:`diffq.methods.smooth_search`; needs ``calibrate(reservoir=...)``).
+        rows (:mod:`diffq.methods.smooth_search`; needs ``calibrate(reservoir=...)``). Its cost:
+        ``smooth_outputs`` output channels (a fixed seeded subset) score each candidate;
+        ``smooth_power_iters`` power iterations of the branch's range finder per candidate after the
+        first (each starts from the previous candidate's subspace; layers wider than 512 only);
+        ``smooth_clip`` the weight clipping the candidates are scored with (None: ``weight_clip``).
+        A layer with its own smoothing (not shared) takes the chosen candidate's subspace for its
+        low-rank split (no second range finder).
     shared_smoothing: projections that read one input and that diffusers' ``fuse_qkv_projections``
         fuses (q/k/v, cross-attention k/v, joint attention's added q/k/v) get one smoothing vector,
         from their stacked weights (and one α from the search on the stack), so they stay fusable
@@ -138,6 +147,9 @@ class Recipe:
     smooth_alpha: float | None = None
     smooth_search: bool = False
     smooth_grid: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    smooth_outputs: int = SEARCH_OUTPUTS
+    smooth_power_iters: int = WARM_POWER_ITERS
+    smooth_clip: str | None = None
     shared_smoothing: bool = False
     timestep_balance: bool = False
     rank: int = 0
@@ -189,7 +201,7 @@ class Recipe:
                   "timestep_balance", "shared_smoothing", "gptq_act_order", "gptq_weighted_clip", "act_unsigned", "act_center"):
             if not isinstance(getattr(self, k), bool):
                 bad(k, "true or false")
-        for k in ("rank", "min_features", "attn_block", "lowrank_refit"):
+        for k in ("rank", "min_features", "attn_block", "lowrank_refit", "smooth_outputs", "smooth_power_iters"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int):
                 bad(k, "an integer")
@@ -226,7 +238,9 @@ class Recipe:
             bad("bit_plan", "a file path or null")
         for k in ("weight_clip", "act_clip"):
             if not isinstance(getattr(self, k), str):
-                bad(k, f"one of {list(CLIP_METHODS)}")
+                bad(k, f"one of {list(WEIGHT_CLIP_METHODS if k == 'weight_clip' else CLIP_METHODS)}")
+        if self.smooth_clip is not None and not isinstance(self.smooth_clip, str):
+            bad("smooth_clip", f"one of {list(WEIGHT_CLIP_METHODS)} or null")
         for k, choices in (("attn", ATTN_CHOICES), ("attn_granularity", ATTN_GRANULARITIES)):
             if not isinstance(getattr(self, k), str) or getattr(self, k) not in choices:
                 bad(k, f"one of {list(choices)}")
@@ -240,9 +254,11 @@ class Recipe:
                 f"recipe {self.name!r}: text_encoder=True quantizes the text encoders with the recipe's weight "
                 f"format, and this recipe has none (a bit plan covers the denoiser only); set weight too"
             )
-        for c, label in ((self.weight_clip, "weight_clip"), (self.act_clip, "act_clip")):
-            if c not in CLIP_METHODS:
-                raise RecipeError(f"{label}={c!r} is not one of {list(CLIP_METHODS)}")
+        for c, label, methods in ((self.weight_clip, "weight_clip", WEIGHT_CLIP_METHODS),
+                                  (self.act_clip, "act_clip", CLIP_METHODS),
+                                  (self.smooth_clip, "smooth_clip", WEIGHT_CLIP_METHODS)):
+            if c is not None and c not in methods:
+                raise RecipeError(f"{label}={c!r} is not one of {list(methods)}")
         if not 50.0 < self.percentile <= 100.0:
             raise RecipeError(f"percentile={self.percentile} must be in (50, 100]")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
@@ -296,6 +312,11 @@ class Recipe:
             )
         if any(not 0.0 <= a <= 1.0 for a in self.smooth_grid):
             raise RecipeError(f"smooth_grid={list(self.smooth_grid)} must hold smoothing strengths in [0, 1]")
+        if not 1 <= self.smooth_outputs <= 1 << 20 or not 0 <= self.smooth_power_iters <= 8:
+            raise RecipeError(
+                f"smooth_outputs={self.smooth_outputs} must be in 1..{1 << 20} (output channels scoring each α, "
+                f"512 is the default) and smooth_power_iters={self.smooth_power_iters} in 0..8 (1 is the default)"
+            )
         if self.rounding not in ROUNDINGS:
             raise RecipeError(f"rounding={self.rounding!r} is not one of {list(ROUNDINGS)}")
         if not 0.0 < self.gptq_damp < 100.0:
