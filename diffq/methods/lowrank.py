@@ -21,6 +21,8 @@ from diffq.methods.layout import transposed
 from diffq.methods.threads import one_thread
 
 RANDOMIZED_ABOVE = 512
+#: (U [N, r], S [r], Vh [r, K]): a weight's top-r singular triplets (:func:`top_subspace`)
+Subspace = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 OVERSAMPLE = 16
 POWER_ITERS = 4
 
@@ -49,7 +51,7 @@ def transpose_for_products(w: torch.Tensor) -> torch.Tensor:
 def top_subspace(
     w: torch.Tensor, rank: int, start: torch.Tensor | None = None, iters: int = POWER_ITERS,
     col_scale: torch.Tensor | None = None, w_t: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Subspace:
     """Top-``rank`` singular triplets of ``w`` [N, K] fp32: (U [N, r], S [r], Vh [r, K]).
 
     Small matrices get a full SVD; large ones a randomized range finder with ``iters`` power
@@ -94,7 +96,7 @@ def _orth(a: torch.Tensor) -> torch.Tensor:
 
 def lowrank_split(
     weight_rows: torch.Tensor, rank: int, start: torch.Tensor | None = None, iters: int = POWER_ITERS,
-    subspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    subspace: Subspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight_rows [N, K] -> (L1 [K, r], L2 [r, N], R [N, K]) fp32 with ``W = (L1 · L2)ᵀ + R``.
 

@@ -19,6 +19,7 @@ import torch
 
 from diffq.methods.lowrank import (
     POWER_ITERS,
+    Subspace,
     randomized_subspace,
     top_subspace,
     transpose_for_products,
@@ -27,10 +28,6 @@ from diffq.methods.lowrank import (
 from diffq.methods.smoothing import smooth_factors, weight_absmax
 
 ALPHA_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-#: (U [N, r], S [r], Vh [r, K]) of a smoothed weight's top-r subspace
-Subspace = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass

@@ -19,8 +19,8 @@ from diffq.calibration.container import CalibrationStats
 from diffq.formats import QTensor, QuantSpec, int_range, quantize, rtn_values
 from diffq.formats.floating import FP_MAX
 from diffq.methods.gptq import dynamic_groups, gptq_quantize
-from diffq.methods.lowrank import effective_rank, lowrank_split, refit_lowrank
-from diffq.methods.smooth_search import Subspace, search_alpha, tap_rows
+from diffq.methods.lowrank import Subspace, effective_rank, lowrank_split, refit_lowrank
+from diffq.methods.smooth_search import search_alpha, tap_rows
 from diffq.methods.smoothing import apply_smoothing, channel_profile, smooth_factors
 from diffq.methods.weight_clipping import clip_ratio_for
 from diffq.modules import (
@@ -120,7 +120,6 @@ def layer_smoothing(
     cin = mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
     balance = recipe.timestep_balance
     profile = channel_profile(st.absmax, st.observed, "balanced" if balance else "max").to(dev)
-    alpha, errors = choice.smooth_alpha, None
     if recipe.smooth_search:
         x, rw = (t.to(dev) for t in layer_samples(name, stats, balance=balance, total=SEARCH_ROWS,
                                                    why="the smoothing-strength search", patches=True))
@@ -132,9 +131,9 @@ def layer_smoothing(
         found = search_alpha(w, profile, x, rw, rank=rank,
                              weight_values=lambda r, s: _rtn_values(r, choice.weight, recipe, recipe.smooth_clip),
                              act_values=act_values, grid=recipe.smooth_grid, outputs=recipe.smooth_outputs,
-                             power_iters=recipe.smooth_power_iters, keep_subspace=keep_subspace and rank > 0)
+                             power_iters=recipe.smooth_power_iters, keep_subspace=keep_subspace)
         return found.alpha, smooth_factors(profile, w, found.alpha, cin), found.errors, found.subspace
-    return alpha, smooth_factors(profile, w, alpha, cin), errors, None
+    return choice.smooth_alpha, smooth_factors(profile, w, choice.smooth_alpha, cin), None, None
 
 
 def shared_input_sets(root: nn.Module, choices: list[LayerChoice]) -> list[list[LayerChoice]]:

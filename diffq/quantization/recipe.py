@@ -315,7 +315,8 @@ class Recipe:
         if not 1 <= self.smooth_outputs <= 1 << 20 or not 0 <= self.smooth_power_iters <= 8:
             raise RecipeError(
                 f"smooth_outputs={self.smooth_outputs} must be in 1..{1 << 20} (output channels scoring each α, "
-                f"512 is the default) and smooth_power_iters={self.smooth_power_iters} in 0..8 (1 is the default)"
+                f"{SEARCH_OUTPUTS} is the default) and smooth_power_iters={self.smooth_power_iters} in 0..8 "
+                f"({WARM_POWER_ITERS} is the default)"
             )
         if self.rounding not in ROUNDINGS:
             raise RecipeError(f"rounding={self.rounding!r} is not one of {list(ROUNDINGS)}")
