@@ -197,6 +197,33 @@ def test_gptq_in_place_rounding_equals_the_copying_form():
         assert done.data_ptr() == inplace.data_ptr() and torch.equal(done, copy[:128])
 
 
+def test_transposed_copies_are_exact_for_every_layout():
+    """transposed (tiles for column slices, one copy for contiguous matrices) equals x.t().contiguous()
+    bit for bit, also for a row count that is not a multiple of the tile."""
+    from diffq.methods.layout import TRANSPOSE_TILE, transposed
+
+    x = torch.randn(3 * TRANSPOSE_TILE + 5, 1100)
+    for view in (x, x[:, 128:256], x[:, 7:900], x[:40, :30]):
+        got = transposed(view)
+        assert got.is_contiguous() and torch.equal(got, view.t().contiguous())
+
+
+def test_gptq_group_columns_match_the_triangular_solve():
+    """_group_columns applies the inverse of the group's unit triangular block of M with one product:
+    the compensated columns of the solve they replace, to fp32 rounding, as rows [R, g]."""
+    from diffq.methods.gptq import _group_columns
+
+    g = torch.Generator().manual_seed(3)
+    h = (lambda a: a.t() @ a)(torch.randn(300, 128, generator=g)) + torch.eye(128)
+    m = feedback_matrix(h)
+    w0b, fed = torch.randn(128, 70, generator=g), torch.randn(128, 70, generator=g)
+    got = _group_columns(w0b, fed, m, 64, 128, 0)
+    solve = torch.linalg.solve_triangular(m[64:, 64:].t(), fed[64:] - w0b[64:], upper=False, unitriangular=True)
+    ref = (solve + w0b[64:]).t()
+    assert got.shape == (70, 64) and got.is_contiguous()
+    assert torch.allclose(got, ref, rtol=0, atol=1e-5 * float(ref.abs().max())), float((got - ref).abs().max())
+
+
 @pytest.mark.parametrize("kind", ["zero", "rank1", "nan_free_tiny"])
 def test_singular_hessian_is_damped_never_a_crash(kind):
     w = _layer().weight.detach()
