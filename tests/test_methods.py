@@ -214,7 +214,8 @@ def test_gptq_group_columns_match_the_triangular_solve():
     from diffq.methods.gptq import _group_columns
 
     g = torch.Generator().manual_seed(3)
-    h = (lambda a: a.t() @ a)(torch.randn(300, 128, generator=g)) + torch.eye(128)
+    a = torch.randn(300, 128, generator=g)
+    h = a.t() @ a + torch.eye(128)
     m = feedback_matrix(h)
     w0b, fed = torch.randn(128, 70, generator=g), torch.randn(128, 70, generator=g)
     got = _group_columns(w0b, fed, m, 64, 128, 0)
