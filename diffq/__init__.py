@@ -17,6 +17,7 @@ from diffq.errors import DiffqError
 from diffq.host_memory import enable_huge_pages
 
 enable_huge_pages()  # before torch's first large CPU tensor: see diffq.host_memory
+
 __version__ = "0.1.0"
 
 _LAZY = {
