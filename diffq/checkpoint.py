@@ -34,13 +34,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffq.attention.install import attention_modules, installed_formats
 from diffq.errors import CheckpointError, DiffqError
 from diffq.fingerprint import weights_fingerprint
-from diffq.io import atomic_path, write_json_atomic
+from diffq.io import write_json_atomic
 from diffq.lora import enable_peft_layers, load_lora, lora_record, peft_adapter_layers
 from diffq.modules import quantized_modules, set_submodule
 from diffq.numerics import maybe_check_finite
@@ -52,6 +51,7 @@ from diffq.quantization.layer_record import layer_info, rebuild_layer
 from diffq.quantization.recipe import Recipe
 from diffq.quantization.standalone import denoiser_config, dense_tensors
 from diffq.quantization.state import QuantState, attach_state, quant_state, require_state
+from diffq.tensor_file import read_safetensors, write_safetensors
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "quantized.safetensors"
@@ -132,8 +132,7 @@ def save(pipe, directory: str | Path, *, standalone: bool = True) -> Path:
         tensors.update({DENSE_PREFIX + name: t for name, t in rest.items()})
     directory.mkdir(parents=True, exist_ok=True)
     tpath = directory / TENSORS_FILE
-    with atomic_path(tpath) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "diffq", "version": str(FORMAT_VERSION)})
+    write_safetensors(tpath, tensors, {"format": "diffq", "version": str(FORMAT_VERSION)})
     manifest = {
         "format": "diffq",
         "version": FORMAT_VERSION,
@@ -213,7 +212,7 @@ def load_tensors(directory: str | Path, manifest: dict) -> dict[str, torch.Tenso
             f"re-save or re-download it"
         )
     try:
-        tensors = load_file(str(tpath))
+        tensors = read_safetensors(tpath)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{tpath} cannot be read as safetensors ({e})") from e
     for key, info in manifest["layers"].items():

@@ -1,7 +1,8 @@
 """The package layers of README.md's "Layout", enforced on the import graph (every import, also the
 ones inside functions, which is where cycles used to hide).
 
-    base (errors, io, sizes, progress, plotting, fingerprint, timing, host_memory, family adapters and roles)
+    base (errors, io, tensor_file, sizes, progress, plotting, fingerprint, timing, host_memory, family adapters
+    and roles)
       <- formats <- kernels <- modules (+ generation, attention) <- calibration, methods
       <- quantization, checkpoint, lora, numerics (+ the BitPlan format) <- mixed <- apps (cli, bench, demo, ...)
 
@@ -28,6 +29,7 @@ EVAL, FIXTURES = "eval", "fixtures"
 LAYERS: dict[str, int | str] = {
     "diffq.errors": BASE, "diffq.io": BASE, "diffq.sizes": BASE, "diffq.progress": BASE,
     "diffq.plotting": BASE, "diffq.fingerprint": BASE, "diffq.timing": BASE, "diffq.host_memory": BASE,
+    "diffq.tensor_file": BASE,
     "diffq.pipelines": BASE, "diffq.pipelines.adapters": BASE, "diffq.pipelines.roles": BASE,
     "diffq.formats": FORMATS,
     "diffq.kernels": KERNELS,

@@ -19,6 +19,7 @@ from diffq.modules import QuantConv2d, QuantLinear, quantized_modules
 from diffq.pipelines.adapters import adapter_for
 from diffq.pipelines.testing import tiny_call_kwargs, tiny_pipeline
 from diffq.quantization.state import quant_state
+from diffq.tensor_file import ALIGNMENT
 
 CASES = [("sd", "w4a4-svd"), ("sdxl", "w8a8-static"), ("flux", "fp4"), ("sd3", "w3a8"), ("sd", "w8a8-attn")]
 
@@ -60,6 +61,8 @@ def test_pipeline_round_trip_is_bit_identical(tmp_path, family, preset):
     assert len(quantized_modules(den)) == len(quantized_modules(adapter_for(pipe).denoiser(pipe)))
     # quantized attention holds no tensors: the config's module list rebuilds it (w8a8-attn)
     assert installed_formats(den) == installed_formats(adapter_for(pipe).denoiser(pipe))
+    # diffusers hands over views of its memory map; the backend gives them torch's alignment
+    assert not [n for n, t in [*den.named_parameters(), *den.named_buffers()] if t.data_ptr() % ALIGNMENT]
     assert torch.equal(_images(back, family), out)
 
 

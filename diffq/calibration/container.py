@@ -9,12 +9,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from diffq.calibration.reservoir import InputReservoir
 from diffq.calibration.stats import HIST_BINS, LayerStats
 from diffq.errors import CalibrationError, CheckpointError
-from diffq.io import atomic_path
+from diffq.tensor_file import read_safetensors, read_safetensors_metadata, write_safetensors
 
 FORMAT_VERSION = 1
 
@@ -98,8 +97,7 @@ class CalibrationStats:
             "attention_formats": list(self.attention_formats),
             "patches": list(self.patches),
         }
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"diffq_calibration": json.dumps(header)})
+        write_safetensors(path, tensors, {"diffq_calibration": json.dumps(header)})
         return path
 
     @classmethod
@@ -108,11 +106,8 @@ class CalibrationStats:
         if not path.is_file():
             raise CheckpointError(f"calibration file {str(path)!r} does not exist; run `diffq calibrate` first")
         try:
-            tensors = load_file(str(path))
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                header = json.loads((f.metadata() or {})["diffq_calibration"])
+            tensors = read_safetensors(path)
+            header = json.loads(read_safetensors_metadata(path)["diffq_calibration"])
         except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
             raise CheckpointError(
                 f"{str(path)!r} is not a diffq calibration file or is corrupted ({e}); re-run `diffq calibrate`"

@@ -20,7 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from diffq.errors import DiffqError
@@ -29,6 +28,7 @@ from diffq.lora.keys import LoraPair, parse_lora
 from diffq.modules import QuantConv2d, QuantLinear
 from diffq.pipelines.adapters import adapter_for
 from diffq.quantization.state import QuantState, require_state
+from diffq.tensor_file import read_safetensors
 
 __all__ = [
     "LoraPair",
@@ -95,7 +95,7 @@ def load_lora(pipe, lora: str | Path | dict[str, torch.Tensor], *, scale: float 
     16 bits, the text encoders) get it merged into their weight. Every target is checked before any
     is changed. :func:`unload_lora` removes it exactly.
     """
-    weights = load_file(str(lora)) if not isinstance(lora, dict) else dict(lora)
+    weights = read_safetensors(lora) if not isinstance(lora, dict) else dict(lora)
     adapter = adapter_for(pipe)
     state = require_state(adapter.denoiser(pipe), "diffq.lora.load_lora")
     roots = adapter.scopes(pipe)

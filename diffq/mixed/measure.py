@@ -38,7 +38,7 @@ from diffq.calibration import CalibrationStats
 from diffq.errors import CalibrationError, RecipeError
 from diffq.fingerprint import weights_fingerprint
 from diffq.generation import generate
-from diffq.io import atomic_path, write_json_atomic
+from diffq.io import write_json_atomic
 from diffq.mixed.plan import DENSE
 from diffq.mixed.table import DEFAULT_JUDGES, METRICS, SensitivityTable, check_judges
 from diffq.mixed.units import group_layers
@@ -56,6 +56,7 @@ from diffq.quantization.presets import PRESETS
 from diffq.quantization.selection import LayerChoice, choose_layers
 from diffq.quantization.state import quant_state
 from diffq.sizes import module_bytes
+from diffq.tensor_file import read_safetensors, write_safetensors
 
 DEFAULT_CANDIDATES = ("w8a8", "w4a8", "w4a16")
 #: quality(images [N,3,H,W], reference [N,3,H,W]) -> per-image distance [N] (or a float), higher = worse
@@ -316,9 +317,7 @@ def _cached_entry(path: Path | None, members: list[str], metrics: list[str]) -> 
 def _reference(pipe, prompts, seeds, gen_kw, scorer, all_layers, names, folder):
     """FP images [N,3,H,W], alignment scores [N] (or None) and MACs per image per layer."""
     if folder is not None and (folder / "reference.safetensors").is_file() and (folder / "reference.json").is_file():
-        from safetensors.torch import load_file
-
-        t = load_file(str(folder / "reference.safetensors"))
+        t = read_safetensors(folder / "reference.safetensors")
         info = json.loads((folder / "reference.json").read_text())
         if set(names) <= set(info["macs"]) and ("scores" in t) == (scorer is not None):
             return t["images"], t.get("scores"), {n: info["macs"][n] for n in names}
@@ -330,13 +329,10 @@ def _reference(pipe, prompts, seeds, gen_kw, scorer, all_layers, names, folder):
     macs = {n: v / len(prompts) for n, v in counter.macs.items()}
     scores = None if scorer is None else scorer(images, prompts).detach().float().cpu()
     if folder is not None:
-        from safetensors.torch import save_file
-
         tensors = {"images": images.contiguous()}
         if scores is not None:
             tensors["scores"] = scores.contiguous()
-        with atomic_path(folder / "reference.safetensors") as tmp:
-            save_file(tensors, str(tmp))
+        write_safetensors(folder / "reference.safetensors", tensors)
         write_json_atomic(folder / "reference.json", {"macs": macs})
     return images, scores, macs
 

@@ -42,6 +42,7 @@ from diffq.quantization.fused_qkv import FUSED_NAMES, install_fused_qkv
 from diffq.quantization.layer_record import layer_info, rebuild_layer
 from diffq.quantization.recipe import Recipe
 from diffq.quantization.state import QuantState, attach_state, quant_state
+from diffq.tensor_file import align_module_tensors
 
 FORMAT_VERSION = 1
 #: safetensors header key that holds the per-layer manifest
@@ -186,6 +187,9 @@ class DiffqQuantizer(DiffusersQuantizer):
         if self.pending:
             raise CheckpointError(f"the saved diffq model misses tensors {sorted(self.pending)[:3]}; it is "
                                   f"truncated: re-save it")
+        # the tensors are views of diffusers' memory map of the file, most of them misaligned: CPU
+        # kernels would round differently from the model that was saved (diffq.tensor_file)
+        align_module_tensors(model)
         cfg = self.quantization_config
         adapter = next(a for a in ADAPTERS if a.name == cfg.family)()
         state = QuantState(recipe=Recipe.from_dict(cfg.recipe), family=cfg.family,

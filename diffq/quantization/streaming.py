@@ -34,19 +34,19 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from diffq.calibration.container import CalibrationStats
 from diffq.errors import CheckpointError
 from diffq.fingerprint import tensors_fingerprint
-from diffq.io import atomic_path, remove_stale_temps, write_json_atomic
+from diffq.io import remove_stale_temps, write_json_atomic
 from diffq.modules import TimestepTracker, set_submodule
 from diffq.quantization.build import install_layers
 from diffq.quantization.layer_record import layer_info, rebuild_layer
 from diffq.quantization.recipe import Recipe
 from diffq.quantization.selection import LayerChoice
 from diffq.quantization.standalone import assign_dense, meta_tensors
+from diffq.tensor_file import read_safetensors, read_safetensors_metadata, write_safetensors
 
 RUN_FILE = "run.json"
 #: seconds a process waits for a block another process quantizes (DIFFQ_SHARD_TIMEOUT overrides)
@@ -190,16 +190,14 @@ def _write_block(path: Path, block: str, built: dict[str, nn.Module], seconds: d
             info["tensors"][bname] = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
         records[name] = info
     meta = {_META_KEY: json.dumps({"block": block, "layers": records, "seconds": seconds}, sort_keys=True)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    write_safetensors(path, tensors, meta)
 
 
 def read_block(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(record, tensors) of a finished block file; CheckpointError when it is damaged."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            record = json.loads((f.metadata() or {})[_META_KEY])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        record = json.loads(read_safetensors_metadata(path)[_META_KEY])
+        tensors = read_safetensors(path)
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"block file {path} is damaged ({type(e).__name__}: {e}); delete it to redo "
                               f"that block") from e
