@@ -208,6 +208,18 @@ def test_transposed_copies_are_exact_for_every_layout():
         assert got.is_contiguous() and torch.equal(got, view.t().contiguous())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reversed_matrices_are_flips_bit_for_bit_in_either_layout(dtype):
+    """The fast reversal of GPTQ's Hessian and factor: values, layout and torch's alignment of a flip."""
+    from diffq.methods.gptq import _reversed
+
+    a = torch.randn(300, 300, dtype=dtype)
+    for m in (a, a.t(), a[::2, ::3]):  # row-major, column-major (LAPACK's factors), neither
+        got, want = _reversed(m), m.flip(0, 1)
+        assert torch.equal(got, want) and got.stride() == want.stride() and got.data_ptr() % 64 == 0
+        assert got.untyped_storage().data_ptr() != m.untyped_storage().data_ptr()  # a copy, as flip's
+
+
 def test_gptq_group_columns_match_the_triangular_solve():
     """_group_columns applies the inverse of the group's unit triangular block of M with one product:
     the compensated columns of the solve they replace, to fp32 rounding, as rows [R, g]."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from diffq.formats import QTensor, QuantSpec, abs_max, expand_grid, grid_values, range_grid, requantize
@@ -75,8 +76,25 @@ def feedback_matrix(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
         return _feedback_matrix(h, damp)
 
 
+def _reversed(a: torch.Tensor) -> torch.Tensor:
+    """``a.flip(0, 1)`` of a [C, C] matrix, with ``a``'s layout (row- or column-major), bit for bit.
+
+    On CPU a row-major matrix flipped in both axes is its memory reversed, which numpy copies about
+    2.5x faster than ``torch.flip`` (52 -> 21 ms for [4096, 4096] fp32 on one thread; GPTQ flips two
+    such matrices per column chunk)."""
+    if a.device.type != "cpu" or a.dtype not in (torch.float32, torch.float64) or a.requires_grad:
+        return a.flip(0, 1)
+    if a.is_contiguous():
+        out = torch.empty_like(a, memory_format=torch.contiguous_format)  # torch's aligned memory (diffq.tensor_file)
+        np.copyto(out.numpy().reshape(-1), a.numpy().reshape(-1)[::-1])
+        return out
+    if a.t().is_contiguous():  # column-major (LAPACK's factors): the transpose is row-major
+        return _reversed(a.t()).t()
+    return a.flip(0, 1)
+
+
 def _feedback_matrix(h: torch.Tensor, damp: float) -> torch.Tensor:
-    h = h.flip(0, 1)  # a copy: reversed column order, so that a lower factor of it is V reversed
+    h = _reversed(h)  # a copy: reversed column order, so that a lower factor of it is V reversed
     diag = h.diagonal()
     diag[diag <= 0] = 1.0
     undamped = diag.clone()
@@ -85,7 +103,7 @@ def _feedback_matrix(h: torch.Tensor, damp: float) -> torch.Tensor:
         torch.add(undamped, lam, out=diag)
         chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            m = chol.flip(0, 1)  # upper triangular V, H + λ'I = V Vᵀ (a copy; the factor is dropped)
+            m = _reversed(chol)  # upper triangular V, H + λ'I = V Vᵀ (a copy; the factor is dropped)
             del chol
             m.div_(m.diagonal().clone())  # M = V · diag(V)⁻¹ in place: three [C, C] matrices at most
             if bool(torch.isfinite(torch.stack(torch.aminmax(m))).all()):  # one pass, no [C, C] mask
