@@ -105,8 +105,8 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
 
 def align_module_tensors(module: nn.Module) -> int:
     """Replace every misaligned CPU parameter and buffer of ``module`` by an aligned copy (same
-    values, dtype and strides; a tensor shared by two modules stays shared); returns how many
-    tensors were copied."""
+    values and dtype, and the same strides for dense tensors; a tensor shared by two modules stays
+    shared); returns how many tensors were copied."""
     seen: dict[int, torch.Tensor] = {}  # id of a buffer as found -> the buffer to use
     copied = 0
     for m in module.modules():

@@ -208,6 +208,24 @@ def test_transposed_copies_are_exact_for_every_layout():
         assert got.is_contiguous() and torch.equal(got, view.t().contiguous())
 
 
+@pytest.mark.parametrize("spec", [QuantSpec("int4", "group", 64), QuantSpec("uint4", "group", 64), NVFP4])
+def test_gptq_with_dynamic_groups_needs_only_the_grid(spec):
+    """quantize_grid (no codes) gives GPTQ the same start as quantize: the same result bit for bit."""
+    from diffq.formats import quantize_grid
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 256, generator=g)
+    x = torch.randn(96, 256, generator=g) * torch.rand(256, generator=g)
+    full, grid = quantize(w, spec), quantize_grid(w, spec)
+    assert grid.codes.numel() == 0 and grid.shape == full.shape
+    for f in ("scale", "scale_stored", "zero", "global_scale"):
+        a, b = getattr(full, f), getattr(grid, f)
+        assert (a is None and b is None) or torch.equal(a, b), f
+    a, b = gptq_quantize(w, full, x), gptq_quantize(w, grid, x)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale_stored, b.scale_stored)
+    assert not torch.equal(a.codes, full.codes)  # GPTQ moved codes: the comparison is not vacuous
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_reversed_matrices_are_flips_bit_for_bit_in_either_layout(dtype):
     """The fast reversal of GPTQ's Hessian and factor: values, layout and torch's alignment of a flip."""

@@ -185,18 +185,34 @@ def quantize(
         ``torch.compile`` graphs and stall the GPU once per layer per step.
     Zero-size input gives zero-size codes and scales.
     """
+    return _quantize(x, spec, amax, clip_ratio, check_finite, with_codes=True)
+
+
+def quantize_grid(x: torch.Tensor, spec: QuantSpec) -> QTensor:
+    """The grid :func:`quantize` puts on ``x`` (min-max range: scales, zero points, NVFP4 global
+    scale) without encoding ``x``: ``codes`` is empty ([0, 0]). For callers that set every code
+    themselves with :func:`requantize` (GPTQ with per-group scales chosen as it goes, which keeps
+    only the grid's format, shapes and global scale)."""
+    return _quantize(x, spec, None, None, True, with_codes=False)
+
+
+def _quantize(x, spec, amax, clip_ratio, check_finite: bool, *, with_codes: bool) -> QTensor:
     if check_finite:
         _check_finite(x)
     x2 = _as_rows(x.detach().float(), spec)
     r, c = x2.shape
     xg = _grouped(x2, spec)
+    shape = (r, c) if with_codes else (0, 0)
     if xg.numel() == 0:
         empty_scale = torch.empty(xg.shape[:2], dtype=torch.float32, device=x.device)
-        codes = torch.empty((r, c), dtype=_code_dtype(spec), device=x.device)
+        codes = torch.empty(shape, dtype=_code_dtype(spec), device=x.device)
         return QTensor(codes, empty_scale, spec, x.shape, scale_stored=empty_scale)
 
     scale, stored, zero, global_scale = _grid_of(xg, spec, amax, clip_ratio)
-    codes = _ungroup(encode(xg, scale.unsqueeze(-1), spec, None if zero is None else zero.unsqueeze(-1)), r, c)
+    if with_codes:
+        codes = _ungroup(encode(xg, scale.unsqueeze(-1), spec, None if zero is None else zero.unsqueeze(-1)), r, c)
+    else:
+        codes = torch.empty(shape, dtype=_code_dtype(spec), device=x.device)
     return QTensor(codes, scale, spec, x.shape, zero=zero, scale_stored=stored, global_scale=global_scale)
 
 

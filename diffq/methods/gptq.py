@@ -79,9 +79,10 @@ def feedback_matrix(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
 def _reversed(a: torch.Tensor) -> torch.Tensor:
     """``a.flip(0, 1)`` of a [C, C] matrix, with ``a``'s layout (row- or column-major), bit for bit.
 
-    On CPU a row-major matrix flipped in both axes is its memory reversed, which numpy copies about
-    2.5x faster than ``torch.flip`` (52 -> 21 ms for [4096, 4096] fp32 on one thread; GPTQ flips two
-    such matrices per column chunk)."""
+    On CPU a row-major matrix flipped in both axes is its memory reversed, which numpy copies 2.5-5x
+    faster than ``torch.flip`` does the flip (52-107 ms -> 21-22 ms for [4096, 4096] fp32 on one
+    thread of an AMD EPYC; GPTQ reverses two such matrices per column chunk). The copy goes into
+    torch's memory, so its alignment is torch's."""
     if a.device.type != "cpu" or a.dtype not in (torch.float32, torch.float64) or a.requires_grad:
         return a.flip(0, 1)
     if a.is_contiguous():
@@ -238,7 +239,8 @@ def gptq_quantize(
     max_columns: int | None = MAX_COLUMNS,
 ) -> QTensor:
     """GPTQ of weight rows ``r`` [N, kh·kw·Cin] with weighted calibration rows ``xw`` of the input this
-    weight sees: per-pixel rows [n, Cin] (per-tap Hessian) or im2col patches [n, kh·kw·Cin] (exact). ``grid`` is ``r``'s round-to-nearest quantization: its format, its scales
+    weight sees: per-pixel rows [n, Cin] (per-tap Hessian) or im2col patches [n, kh·kw·Cin] (exact). ``grid`` is ``r``'s round-to-nearest quantization
+    (:func:`~diffq.formats.quantize_grid` with dynamic groups, which read no codes): its format, its scales
     for per-tensor / per-channel formats and with act-order ("static groups"), its NVFP4 global scale.
     Without act-order, group scales are recomputed from the error-compensated columns when GPTQ
     reaches each group, as in the original GPTQ, with the clip ratio ``clip(columns, spec, importance)``

@@ -16,7 +16,7 @@ from torch import nn
 
 from diffq.calibration.act_scales import timestep_act_ranges
 from diffq.calibration.container import CalibrationStats
-from diffq.formats import QTensor, QuantSpec, int_range, quantize, rtn_values
+from diffq.formats import QTensor, QuantSpec, int_range, quantize, quantize_grid, rtn_values
 from diffq.formats.floating import FP_MAX
 from diffq.methods.gptq import dynamic_groups, gptq_quantize
 from diffq.methods.lowrank import Subspace, effective_rank, lowrank_split, refit_lowrank
@@ -228,8 +228,9 @@ def build_layer(
     elif rank > 0:  # with the subspace the α search found for this smoothing, if it did
         lr_down, lr_up, w = lowrank_split(w, rank, subspace=subspace)
     gptq = recipe.rounding == "gptq"
-    # GPTQ with dynamic groups picks each group's clipping itself: a min-max grid is enough to start
-    q = quantize(w, choice.weight) if gptq and dynamic_groups(choice.weight, recipe.gptq_act_order) \
+    # GPTQ with dynamic groups picks each group's scales and codes itself: it needs only the grid's
+    # format, shapes and NVFP4 global scale (min-max), not codes
+    q = quantize_grid(w, choice.weight) if gptq and dynamic_groups(choice.weight, recipe.gptq_act_order) \
         else _rtn(w, choice.weight, recipe)
     if gptq:
         x, rw = (t.to(dev) for t in layer_samples(name, stats, balance=balance, patches=True))
