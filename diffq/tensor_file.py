@@ -12,7 +12,7 @@ tensors themselves are bit-identical). On a Xeon (AVX-512) the same files gave i
   whose data starts at a multiple of 64 bytes, with the tensors whose sizes are multiples of 64
   bytes first, so each of them starts aligned (the format allows no gaps between tensors); the
   rest follow. It is atomic (:func:`diffq.io.atomic_path`).
-- :func:`read_safetensors` and :func:`aligned` give every CPU tensor a 64-byte aligned address:
+- :func:`read_safetensors` (:func:`read_safetensors_with_metadata`) and :func:`aligned` give every CPU tensor a 64-byte aligned address:
   a tensor of the memory map that is aligned stays a view (no copy, no extra RSS); one that is not
   is copied. For a file from :func:`write_safetensors` that is only the small tensors at the end.
 - :func:`align_module_tensors` does the same for the parameters and buffers of a module that
@@ -90,17 +90,17 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, each 64-byte aligned (a view of the file where it can be).
     Raises what safetensors raises on a damaged file (``SafetensorError``, ``OSError``, ``ValueError``)."""
-    from safetensors.torch import load_file
-
-    return {k: aligned(t) for k, t in load_file(str(path)).items()}
+    return read_safetensors_with_metadata(path)[0]
 
 
-def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file ({} when it has none); raises as :func:`read_safetensors`."""
+def read_safetensors_with_metadata(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors as :func:`read_safetensors` gives them, the header's ``__metadata__`` or {}), from one
+    opening of the file; raises as :func:`read_safetensors`."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+        tensors = {k: aligned(f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        return tensors, dict(f.metadata() or {})
 
 
 def align_module_tensors(module: nn.Module) -> int:
@@ -110,7 +110,7 @@ def align_module_tensors(module: nn.Module) -> int:
     seen: dict[int, torch.Tensor] = {}  # id of a buffer as found -> the buffer to use
     copied = 0
     for m in module.modules():
-        for name, p in m._parameters.items():
+        for p in m._parameters.values():
             if p is not None and id(p) not in seen:
                 seen[id(p)] = p
                 data = p.data  # a new view object on every access: compare against this one

@@ -15,7 +15,7 @@ from diffq.tensor_file import (
     align_module_tensors,
     aligned,
     read_safetensors,
-    read_safetensors_metadata,
+    read_safetensors_with_metadata,
     write_safetensors,
 )
 
@@ -48,7 +48,8 @@ def test_written_file_reads_back_exactly_with_safetensors_itself(tmp_path):
     assert set(back) == set(ts)
     for k, t in ts.items():
         assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(_bits(back[k]), _bits(t)), k
-    assert read_safetensors_metadata(path) == {"format": "diffq", "n": "3"}
+    tensors, meta = read_safetensors_with_metadata(path)
+    assert meta == {"format": "diffq", "n": "3"} and set(tensors) == set(ts)
     assert not list(tmp_path.glob(".*.tmp"))
 
 

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from diffq.calibration.reservoir import InputReservoir
 from diffq.calibration.stats import HIST_BINS, LayerStats
 from diffq.errors import CalibrationError, CheckpointError
-from diffq.tensor_file import read_safetensors, read_safetensors_metadata, write_safetensors
+from diffq.tensor_file import read_safetensors_with_metadata, write_safetensors
 
 FORMAT_VERSION = 1
 
@@ -106,8 +106,8 @@ class CalibrationStats:
         if not path.is_file():
             raise CheckpointError(f"calibration file {str(path)!r} does not exist; run `diffq calibrate` first")
         try:
-            tensors = read_safetensors(path)
-            header = json.loads(read_safetensors_metadata(path)["diffq_calibration"])
+            tensors, meta = read_safetensors_with_metadata(path)
+            header = json.loads(meta["diffq_calibration"])
         except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
             raise CheckpointError(
                 f"{str(path)!r} is not a diffq calibration file or is corrupted ({e}); re-run `diffq calibrate`"

@@ -46,7 +46,7 @@ from diffq.quantization.layer_record import layer_info, rebuild_layer
 from diffq.quantization.recipe import Recipe
 from diffq.quantization.selection import LayerChoice
 from diffq.quantization.standalone import assign_dense, meta_tensors
-from diffq.tensor_file import read_safetensors, read_safetensors_metadata, write_safetensors
+from diffq.tensor_file import read_safetensors_with_metadata, write_safetensors
 
 RUN_FILE = "run.json"
 #: seconds a process waits for a block another process quantizes (DIFFQ_SHARD_TIMEOUT overrides)
@@ -196,8 +196,8 @@ def _write_block(path: Path, block: str, built: dict[str, nn.Module], seconds: d
 def read_block(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(record, tensors) of a finished block file; CheckpointError when it is damaged."""
     try:
-        record = json.loads(read_safetensors_metadata(path)[_META_KEY])
-        tensors = read_safetensors(path)
+        tensors, meta = read_safetensors_with_metadata(path)
+        record = json.loads(meta[_META_KEY])
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"block file {path} is damaged ({type(e).__name__}: {e}); delete it to redo "
                               f"that block") from e
